@@ -1,0 +1,423 @@
+"""COCO json -> label masks (cached), the Dataset, augmentation presets and k-fold splits.
+
+Run as a script to build the synthetic demo dataset or to summarise a dataset:
+
+    python dataset.py make-demo --root data/demo
+    python dataset.py summary --root data/demo --json train_all.json
+"""
+import argparse
+import bisect
+import collections
+import hashlib
+import itertools
+import json
+import os
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from pycocotools import mask as mask_utils
+
+from utils import IGNORE_INDEX, atomic_write_png
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "recycleseg", "masks")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PAINT_ORDERS = ("area", "vertices")
+AUGMENTATIONS = ("none", "light", "strong")
+CACHE_VERSION = 1  # bump when the way masks are painted changes
+
+
+# ---------------------------------------------------------------- COCO json
+class Coco:
+    """A checked COCO json: images, annotations per image, and the class list.
+
+    Class list = "Background" + category names in id order; a label is the index
+    in that list. Problems that would silently corrupt masks are errors; problems
+    that can be repaired without guessing are counted in `notes`.
+    """
+
+    def __init__(self, json_path, root, expect_annotations=True):
+        self.path = os.fspath(json_path)
+        self.root = os.fspath(root)
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        self.content_hash = hashlib.sha1(raw).hexdigest()[:16]
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.path} is not valid json: {err}") from None
+        self.notes = collections.Counter()
+        self.categories = sorted(data.get("categories", []), key=lambda c: c["id"])
+        if not self.categories:
+            raise ValueError(f"{self.path} has no categories")
+        self.class_names = ["Background"] + [c["name"] for c in self.categories]
+        self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        self.images = self._check_images(data.get("images", []))
+        annotations = data.get("annotations", [])
+        if annotations and not expect_annotations:
+            self.notes[f"annotations ignored ({len(annotations)}): this json is read as unlabelled"] += 1
+            annotations = []
+        self.anns_by_image = self._group_annotations(annotations)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def image_path(self, image):
+        return os.path.join(self.root, image["file_name"])
+
+    def _check_images(self, images):
+        if not images:
+            raise ValueError(f"{self.path} lists no images")
+        seen = set()
+        root = os.path.realpath(self.root)
+        for image in images:
+            if image["id"] in seen:
+                raise ValueError(f"{self.path}: image id {image['id']} appears twice")
+            seen.add(image["id"])
+            name = image["file_name"]
+            resolved = os.path.realpath(os.path.join(root, name))
+            if os.path.isabs(name) or not resolved.startswith(root + os.sep):
+                raise ValueError(f"{self.path}: image {image['id']} file_name {name!r} "
+                                 f"resolves outside the data root {self.root}")
+        return images
+
+    def _group_annotations(self, annotations):
+        by_image = {image["id"]: [] for image in self.images}
+        sizes = {image["id"]: (image["height"], image["width"]) for image in self.images}
+        for ann in annotations:
+            where = f"{self.path}: annotation {ann.get('id')}"
+            if ann["category_id"] not in self.cat_to_label:
+                raise ValueError(f"{where} has unknown category id {ann['category_id']} "
+                                 f"(known: {sorted(self.cat_to_label)})")
+            if ann["image_id"] not in by_image:
+                raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in the json")
+            segmentation = _usable_segmentation(ann["segmentation"], *sizes[ann["image_id"]], self.notes)
+            if segmentation is None:
+                self.notes["annotations skipped: degenerate polygon (under 3 points or zero area)"] += 1
+                continue
+            area = ann.get("area") or float(mask_utils.area(segmentation_rle(segmentation, *sizes[ann["image_id"]])))
+            by_image[ann["image_id"]].append(dict(ann, segmentation=segmentation, area=area))
+        return by_image
+
+    def report_notes(self):
+        for note, count in sorted(self.notes.items()):
+            print(f"{self.path}: {note}: {count}")
+
+
+def _usable_segmentation(segmentation, height, width, notes):
+    """Drop polygon parts with fewer than 3 points or zero area; None when nothing is left."""
+    if isinstance(segmentation, dict):
+        return segmentation
+    parts = []
+    for part in segmentation:
+        if len(part) < 6 or len(part) % 2:
+            continue
+        coords = np.asarray(part, dtype=np.float64).reshape(-1, 2)
+        if _polygon_area(coords) == 0:
+            continue
+        if coords.min() < 0 or (coords[:, 0] > width).any() or (coords[:, 1] > height).any():
+            notes["polygons clipped to the image border"] += 1
+        parts.append(part)
+    return parts or None
+
+
+def _polygon_area(coords):
+    x, y = coords[:, 0], coords[:, 1]
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def segmentation_rle(segmentation, height, width):
+    """Polygons, compressed or uncompressed RLE -> one compressed RLE."""
+    if isinstance(segmentation, list):
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation["counts"], list):
+        return mask_utils.frPyObjects(segmentation, height, width)
+    return segmentation
+
+
+def decode_annotation(ann, height, width):
+    """One annotation -> HxW uint8 0/1 mask."""
+    return mask_utils.decode(segmentation_rle(ann["segmentation"], height, width))
+
+
+def paint_sorted(anns, paint_order):
+    """Annotations in the order they are painted; later ones end up on top.
+
+    `area`: larger first so small objects stay visible. `vertices`: ascending
+    coordinate count of the first polygon part, as the competition's baseline.
+    """
+    if paint_order == "area":
+        return sorted(anns, key=lambda a: -a["area"])
+    if paint_order == "vertices":
+        return sorted(anns, key=lambda a: len(a["segmentation"][0]) if isinstance(a["segmentation"], list) else 0)
+    raise ValueError(f"unknown paint order {paint_order!r}; choose from {PAINT_ORDERS}")
+
+
+def build_mask(coco, image, paint_order="area"):
+    height, width = image["height"], image["width"]
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for ann in paint_sorted(coco.anns_by_image[image["id"]], paint_order):
+        mask[decode_annotation(ann, height, width) > 0] = coco.cat_to_label[ann["category_id"]]
+    return mask
+
+
+class MaskCache:
+    """Masks decoded once into PNGs keyed by the json's content hash and paint order."""
+
+    def __init__(self, coco, paint_order="area", cache_dir=DEFAULT_CACHE_DIR):
+        paint_sorted([], paint_order)  # rejects an unknown order now, not mid-epoch
+        self.coco, self.paint_order = coco, paint_order
+        self.folder = os.path.join(cache_dir, f"v{CACHE_VERSION}-{coco.content_hash}-{paint_order}")
+
+    def get(self, image):
+        path = os.path.join(self.folder, f"{image['id']}.png")
+        mask = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
+        if mask is None:
+            mask = build_mask(self.coco, image, self.paint_order)
+            atomic_write_png(path, mask)
+        return mask
+
+
+# ---------------------------------------------------------------- images
+def read_image(path, expected_hw=None):
+    """RGB uint8 image; a missing, corrupt, truncated or mis-sized file is an error naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path} does not exist")
+    data = np.fromfile(path, dtype=np.uint8)
+    if path.lower().endswith((".jpg", ".jpeg")) and bytes(data[-2:]) != b"\xff\xd9":
+        raise ValueError(f"image file {path} is truncated (no JPEG end marker)")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"image file {path} cannot be decoded (corrupt or not an image)")
+    if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
+        raise ValueError(f"image file {path} is {image.shape[1]}x{image.shape[0]} (WxH) but the json "
+                         f"says {expected_hw[1]}x{expected_hw[0]}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# ---------------------------------------------------------------- Dataset
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Images of a COCO json with their label masks.
+
+    mode "train": transform applies to image and mask together.
+    mode "val":   transform applies to the image only; the mask stays at the
+                  json's resolution, where the metric is computed.
+    mode "test":  returns (image, file_name); annotations are not read.
+    """
+
+    def __init__(self, root, json_path, mode="train", transform=None, paint_order="area",
+                 image_ids=None, cache_dir=DEFAULT_CACHE_DIR):
+        if mode not in ("train", "val", "test"):
+            raise ValueError(f"mode must be train, val or test, not {mode!r}")
+        json_path = os.path.join(root, json_path) if not os.path.isabs(json_path) else json_path
+        self.coco = Coco(json_path, root, expect_annotations=mode != "test")
+        self.mode = mode
+        self.transform = transform or build_transform("eval", size=None)
+        self.images = self.coco.images
+        if image_ids is not None:
+            wanted = set(image_ids)
+            self.images = [image for image in self.images if image["id"] in wanted]
+        if not self.images:
+            raise ValueError(f"{json_path}: no images selected for {mode}")
+        self.masks = None if mode == "test" else MaskCache(self.coco, paint_order, cache_dir)
+
+    @property
+    def class_names(self):
+        return self.coco.class_names
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        info = self.images[index]
+        image = read_image(self.coco.image_path(info), (info["height"], info["width"]))
+        if self.mode == "test":
+            return self.transform(image=image)["image"], info["file_name"]
+        mask = self.masks.get(info)
+        if self.mode == "val":
+            return self.transform(image=image)["image"], torch.from_numpy(mask).long()
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"]).long()
+
+    def label_mask(self, index):
+        """The full-resolution label mask of one image (no transform)."""
+        return self.masks.get(self.images[index])
+
+
+def pixel_counts(dataset):
+    """Pixels per class over a dataset's masks (cached), for `--class-weights auto`."""
+    counts = np.zeros(dataset.coco.num_classes, dtype=np.int64)
+    for index in range(len(dataset)):
+        counts += np.bincount(dataset.label_mask(index).ravel(), minlength=256)[:len(counts)]
+    return counts
+
+
+class SeededConcatDataset(torch.utils.data.ConcatDataset):
+    """Training datasets in a row, indexed by `(index, augmentation seed)` pairs."""
+
+    def __getitem__(self, key):
+        index, seed = key
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        offset = self.cumulative_sizes[part - 1] if part else 0
+        return self.datasets[part][(index - offset, seed)]
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that yields `(index, augmentation seed)` and can start mid-epoch.
+
+    The seed depends only on (run seed, epoch, index), so the augmented stream
+    is the same for any number of workers and a resumed run sees exactly the
+    batches an uninterrupted one would have.
+    """
+
+    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.skip, None):
+            yield index, augmentation_seed(self.seed, self.epoch, index)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def augmentation_seed(seed, epoch, index):
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- augmentation
+def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=()):
+    """An albumentations pipeline: `extra` transforms first, then the preset, resize, normalise.
+
+    preset "eval" is the deterministic resize used for validation and inference;
+    `size=None` keeps the image size (no resize, no crop).
+    """
+    if preset not in AUGMENTATIONS + ("eval",):
+        raise ValueError(f"unknown augmentation preset {preset!r}; choose from {AUGMENTATIONS}")
+    steps = list(extra)
+    if preset == "strong":
+        steps += [
+            A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0)),
+            A.HorizontalFlip(),
+            A.VerticalFlip(),
+            A.RandomRotate90(),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
+        ]
+    elif size is not None:
+        steps.append(A.Resize(size, size))
+    if preset == "light":
+        steps += [
+            A.HorizontalFlip(),
+            A.Affine(scale=(0.8, 1.2), translate_percent=(-0.1, 0.1), rotate=(-15, 15),
+                     fill_mask=IGNORE_INDEX, p=0.5),
+            A.RandomBrightnessContrast(p=0.5),
+        ]
+    steps += [A.Normalize(mean=mean, std=std), ToTensorV2()]
+    return A.Compose(steps)
+
+
+# ---------------------------------------------------------------- k-fold
+def rarest_class_per_image(coco):
+    """For each image: its rarest category id by the json's annotation counts (0 when none)."""
+    counts = collections.Counter(a["category_id"] for anns in coco.anns_by_image.values() for a in anns)
+    return {image_id: min((a["category_id"] for a in anns), key=lambda c: (counts[c], c), default=0)
+            for image_id, anns in coco.anns_by_image.items()}
+
+
+def kfold_splits(coco, n_splits=5, seed=0):
+    """Val image ids of each fold: every image in exactly one fold, stratified by rarest class.
+
+    Within each stratum images are shuffled (seeded) and dealt to the folds in
+    turn; the turn carries over between strata so fold sizes stay within one.
+    """
+    if n_splits < 2 or n_splits > len(coco.images):
+        raise ValueError(f"n_splits must be in 2..{len(coco.images)} (number of images), not {n_splits}")
+    strata = collections.defaultdict(list)
+    for image_id, stratum in sorted(rarest_class_per_image(coco).items()):
+        strata[stratum].append(image_id)
+    rng = np.random.default_rng(seed)
+    folds = [[] for _ in range(n_splits)]
+    turn = 0
+    for stratum in sorted(strata, key=lambda s: (len(strata[s]), s)):
+        for image_id in rng.permutation(strata[stratum]).tolist():
+            folds[turn % n_splits].append(image_id)
+            turn += 1
+    return [sorted(fold) for fold in folds]
+
+
+def fold_image_ids(coco, fold, n_splits=5, seed=0):
+    """(train ids, val ids) of one fold."""
+    if not 0 <= fold < n_splits:
+        raise ValueError(f"fold must be in 0..{n_splits - 1}, not {fold}")
+    val_ids = kfold_splits(coco, n_splits, seed)[fold]
+    val = set(val_ids)
+    return [image["id"] for image in coco.images if image["id"] not in val], val_ids
+
+
+# ---------------------------------------------------------------- demo data
+def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
+    """Build the synthetic demo dataset when `root` holds none yet."""
+    if not os.path.isfile(os.path.join(root, "train_all.json")):
+        from demo import make_demo
+
+        print(f"building the synthetic demo dataset in {root} (first use)")
+        make_demo(root, **kwargs)
+    return root
+
+
+def summarise(root, json_name, paint_order="area"):
+    dataset = SegmentationDataset(root, json_name, mode="val", paint_order=paint_order)
+    dataset.coco.report_notes()
+    anns = collections.Counter(a["category_id"] for a in sum(dataset.coco.anns_by_image.values(), []))
+    pixels = pixel_counts(dataset)
+    print(f"{json_name}: {len(dataset)} images")
+    print(f"{'class':<16}{'annotations':>12}{'pixel share':>13}")
+    for label, name in enumerate(dataset.class_names):
+        cat_id = dataset.coco.categories[label - 1]["id"] if label else None
+        print(f"{name:<16}{anns.get(cat_id, 0) if label else '-':>12}{pixels[label] / pixels.sum():>13.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make-demo", help="build the synthetic demo dataset")
+    make.add_argument("--root", default=DEFAULT_DATA_ROOT, help="output folder")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--size", type=int, default=512, help="image side in pixels")
+    make.add_argument("--n-train", type=int, default=120)
+    make.add_argument("--n-val", type=int, default=30)
+    make.add_argument("--n-test", type=int, default=30)
+    summary = commands.add_parser("summary", help="annotation and pixel counts per class")
+    summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
+    summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
+    summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area")
+    args = parser.parse_args()
+    if args.command == "make-demo":
+        from demo import make_demo
+
+        make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train,
+                  n_val=args.n_val, n_test=args.n_test)
+        print(f"demo dataset written to {args.root}")
+    else:
+        if args.root == DEFAULT_DATA_ROOT:
+            ensure_demo(args.root)
+        summarise(args.root, args.json, args.paint_order)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""Train a segmentation model; keep the best checkpoint by validation mIoU.
+
+    python train.py --model unetpp --encoder effb4 --fold 0
+    torchrun --nproc_per_node 2 train.py --model deeplabv3p --encoder r50
+
+With no --data-root the synthetic demo dataset is used (built on first use).
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+import dataset as data
+import loss as losses
+import model as models
+import scheduler as schedulers
+import utils
+
+PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT,
+                   help="dataset folder with the COCO jsons and images (default: the synthetic demo set)")
+    g.add_argument("--train-json", default="train.json", help="training json, relative to --data-root")
+    g.add_argument("--val-json", default="val.json", help="validation json, relative to --data-root")
+    g.add_argument("--fold", type=int, default=None,
+                   help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
+    g.add_argument("--n-folds", type=int, default=5, help="number of folds for --fold")
+    g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
+    g.add_argument("--extra-json", nargs="*", default=[],
+                   help="more labelled jsons for training (e.g. copy_paste.py output); images relative to each json's folder")
+    g.add_argument("--paint-order", choices=data.PAINT_ORDERS, default="area",
+                   help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
+    g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
+    g.add_argument("--size", type=int, default=512, help="training and validation image side in pixels")
+    g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
+    g.add_argument("--encoder", default="effb0",
+                   help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
+    g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
+    g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--loss", default="ce:1,dice:0.5",
+                   help=f"weighted loss terms NAME:WEIGHT,... from {', '.join(losses.LOSS_NAMES)}")
+    g.add_argument("--class-weights", default=None,
+                   help="'auto' (from training pixel frequencies) or comma-separated weights, one per class")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+    g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length in epochs")
+    g.add_argument("--cycle-epochs", type=float, default=None,
+                   help="cosine restart period in epochs (default: one cycle over the whole run)")
+    g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
+    g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=8, help="images per step and process")
+    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    g = p.add_argument_group("speed")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                   help="mixed precision (fp16 uses a gradient scaler; bf16 also works on CPU)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output", default=None, help="run folder (default: runs/MODEL-ENCODER[-foldK])")
+    g.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint (default: the run folder's last.pt)")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
+    return p
+
+
+# ---------------------------------------------------------------- distributed
+def init_distributed():
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    local_rank = int(os.environ["LOCAL_RANK"])
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+# ---------------------------------------------------------------- data
+def build_datasets(args, mean, std):
+    extra = build_copy_paste(args)
+    train_tf = data.build_transform(args.aug, args.size, mean, std, extra=extra)
+    val_tf = data.build_transform("eval", args.size, mean, std)
+    common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir)
+    if args.fold is None:
+        train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
+        val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
+    else:
+        coco = data.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
+        train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.seed)
+        train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
+        val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
+    parts = [train] + [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
+                                                "train", train_tf, **common) for path in args.extra_json]
+    for part in parts[1:]:
+        if part.class_names != train.class_names:
+            raise ValueError(f"{part.coco.path} has classes {part.class_names}, the training set {train.class_names}")
+    for part in parts + [val]:
+        part.coco.report_notes()
+    return train, data.SeededConcatDataset(parts), val
+
+
+def build_copy_paste(args):
+    """Copy-paste transforms to put before the augmentation preset (none by default)."""
+    return []
+
+
+def build_loaders(args, train_set, val_set, rank, world_size):
+    sampler = data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    loader_kwargs = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+                         persistent_workers=args.workers > 0, worker_init_fn=utils.seed_worker)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
+                                               drop_last=len(train_set) >= args.batch_size * world_size,
+                                               **loader_kwargs)
+    # each rank scores a disjoint share of the val images, no padding, so the summed matrix is exact
+    val_indices = list(range(rank, len(val_set), world_size))
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices, **loader_kwargs)
+    return train_loader, val_loader
+
+
+def resolve_class_weights(spec, train_set, num_classes):
+    if spec is None:
+        return None
+    if spec == "auto":
+        return losses.auto_class_weights(torch.as_tensor(data.pixel_counts(train_set)))
+    weights = [float(w) for w in spec.split(",")]
+    if len(weights) != num_classes:
+        raise ValueError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes")
+    return torch.tensor(weights)
+
+
+# ---------------------------------------------------------------- steps
+def autocast(args):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def to_device(images, masks, args):
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    images = images.to(args.device, non_blocking=True).contiguous(memory_format=memory_format)
+    return images, masks.to(args.device, non_blocking=True)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, rank, on_step):
+    model, optimizer, criterion = state["model"], state["optimizer"], state["criterion"]
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_step, total=batches_per_epoch,
+               disable=rank != 0, dynamic_ncols=True)
+    for step, (images, masks) in enumerate(bar, start=start_step):
+        images, masks = to_device(images, masks, args)
+        with autocast(args):
+            loss = criterion(model(images), masks)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+        scaler.scale(loss / args.accum_steps).backward()
+        if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
+            optimizer_step(state, args)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        on_step(epoch, step + 1, loss.item())
+
+
+def optimizer_step(state, args):
+    model, optimizer, scaler = state["model"], state["optimizer"], state["scaler"]
+    if args.clip_grad:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scale_before = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    if scaler.is_enabled() and scaler.get_scale() < scale_before:
+        state["skipped_steps"] += 1  # fp16 overflow: the scaler skipped this update
+    optimizer.zero_grad(set_to_none=True)
+    state["scheduler"].step()
+    state["global_step"] += 1
+
+
+@torch.inference_mode()
+def evaluate(model, loader, criterion, num_classes, args, rank=0, panels=None):
+    """Loss and dataset-level scores at the masks' own resolution, summed over processes."""
+    model.eval()
+    confusion = utils.ConfusionMatrix(num_classes, device=args.device)
+    loss_sum = torch.zeros(2, device=args.device, dtype=torch.float64)
+    for images, masks in tqdm(loader, desc="val", disable=rank != 0, dynamic_ncols=True, leave=False):
+        images, masks = to_device(images, masks, args)
+        with autocast(args):
+            logits = model(images)
+        logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        loss_sum += torch.stack([criterion(logits, masks).double() * len(images), torch.tensor(len(images))])
+        preds = logits.argmax(1)
+        confusion.update(masks, preds)
+        if panels is not None and len(panels) < PANEL_IMAGES:
+            panels.extend(zip(images.cpu(), masks.cpu(), preds.cpu()))
+    confusion.all_reduce()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    scores = confusion.compute()
+    scores["loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+    return scores
+
+
+# ---------------------------------------------------------------- checkpoints
+def unwrap(model):
+    """The plain model inside torch.compile and DistributedDataParallel wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
+
+
+def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
+    model = unwrap(state["model"])
+    return {
+        "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": {},
+        "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
+        "mean": list(mean), "std": list(std), "args": vars(args),
+        "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
+        "best_miou": state["best_miou"], "skipped_steps": state["skipped_steps"],
+        "state_dict": model.state_dict(), "optimizer": state["optimizer"].state_dict(),
+        "scheduler": state["scheduler"].state_dict(), "scaler": state["scaler"].state_dict(),
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    }
+
+
+def restore(state, checkpoint, class_names, args):
+    if checkpoint["class_names"] != list(class_names):
+        raise ValueError(f"checkpoint classes {checkpoint['class_names']} differ from the dataset's {list(class_names)}")
+    if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
+        raise ValueError(f"checkpoint is {checkpoint['model']}/{checkpoint['encoder']}, "
+                         f"this run is {args.model}/{models.resolve_encoder(args.encoder)}")
+    unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
+    for key in ("optimizer", "scheduler", "scaler"):
+        state[key].load_state_dict(checkpoint[key])
+    for key in ("global_step", "best_miou", "skipped_steps"):
+        state[key] = checkpoint[key]
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return checkpoint["epoch"], checkpoint["step_in_epoch"]
+
+
+# ---------------------------------------------------------------- logging
+def log_validation(writer, scores, class_names, epoch, panels, args, mean, std):
+    print(f"\nepoch {epoch} val loss {scores['loss']:.4f}\n" + utils.format_iou_table(class_names, scores))
+    if writer is None:
+        return
+    writer.add_scalar("val/loss", scores["loss"], epoch)
+    writer.add_scalar("val/mIoU", scores["miou"], epoch)
+    for name, value in zip(class_names, scores["iou"]):
+        if not np.isnan(value):
+            writer.add_scalar(f"val_iou/{name}", value, epoch)
+    for i, (image, mask, pred) in enumerate(panels[:PANEL_IMAGES]):
+        writer.add_image(f"val_panel/{i}", panel(image, mask, pred, len(class_names), mean, std), epoch, dataformats="HWC")
+
+
+def panel(image, mask, pred, num_classes, mean, std):
+    """Image | ground truth overlay | prediction overlay, side by side at the mask's size."""
+    rgb = image.float().permute(1, 2, 0).numpy() * np.array(std) + np.array(mean)
+    rgb = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    rgb = np.asarray(F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), size=mask.shape,
+                                   mode="bilinear")[0].permute(1, 2, 0).byte())
+    mask, pred = mask.numpy().astype(np.uint8), pred.numpy().astype(np.uint8)
+    return np.concatenate([rgb, utils.overlay(rgb, mask, num_classes), utils.overlay(rgb, pred, num_classes)], axis=1)
+
+
+# ---------------------------------------------------------------- main
+def default_output(args):
+    name = f"{args.model}-{args.encoder}" + (f"-fold{args.fold}" if args.fold is not None else "")
+    return os.path.join("runs", name)
+
+
+def build_model(args, num_classes, local_rank, world_size):
+    model = models.create_model(args.model, models.resolve_encoder(args.encoder), num_classes,
+                                pretrained=args.pretrained, weights=args.weights)
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(args.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if world_size > 1:
+        device_ids = [local_rank] if args.device.startswith("cuda") else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return torch.compile(model) if args.compile else model
+
+
+def main(args):
+    rank, world_size, local_rank = init_distributed()
+    if args.device == "cuda" and world_size > 1:
+        args.device = f"cuda:{local_rank}"
+    utils.seed_everything(args.seed, args.deterministic)
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.data_root == data.DEFAULT_DATA_ROOT and rank == 0:
+        data.ensure_demo(args.data_root)
+    if world_size > 1:
+        dist.barrier()
+    args.output = args.output or default_output(args)
+    mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
+    train_set, train_mix, val_set = build_datasets(args, mean, std)
+    class_names = train_set.class_names
+    train_loader, val_loader = build_loaders(args, train_mix, val_set, rank, world_size)
+    batches_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.accum_steps)
+    model = build_model(args, len(class_names), local_rank, world_size)
+    optimizer = schedulers.build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    state = {
+        "model": model, "optimizer": optimizer, "global_step": 0, "best_miou": -1.0, "skipped_steps": 0,
+        "scheduler": schedulers.build_scheduler(
+            args.scheduler, optimizer, total_steps=args.epochs * steps_per_epoch,
+            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+            cycle_steps=round(args.cycle_epochs * steps_per_epoch) if args.cycle_epochs else None,
+            cycle_mult=args.cycle_mult, cycle_decay=args.cycle_decay),
+        "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
+        "criterion": losses.build_loss(args.loss, len(class_names),
+                                       class_weights=resolve_class_weights(args.class_weights, train_set, len(class_names)),
+                                       label_smoothing=args.label_smoothing).to(args.device),
+    }
+    start_epoch, start_step = 0, 0
+    if args.resume:
+        path = os.path.join(args.output, "last.pt") if args.resume == "auto" else args.resume
+        start_epoch, start_step = restore(state, utils.load_checkpoint(path), class_names, args)
+        if rank == 0:
+            print(f"resumed from {path} at epoch {start_epoch}, step {start_step}")
+    writer = None
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        utils.atomic_write_json(os.path.join(args.output, "args.json"), vars(args))
+        writer = SummaryWriter(os.path.join(args.output, "tb"))
+
+    def save(name, epoch, step_in_epoch):
+        if rank == 0:
+            utils.save_checkpoint(checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch),
+                                  os.path.join(args.output, name))
+
+    def on_step(epoch, step, loss_value):
+        if writer is not None:
+            writer.add_scalar("train/loss", loss_value, state["global_step"])
+            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
+        if args.save_every_steps and state["global_step"] % args.save_every_steps == 0 \
+                and step % args.accum_steps == 0 and step < batches_per_epoch:
+            save("last.pt", epoch, step)
+
+    start = time.time()
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+            train_one_epoch(state, train_loader, epoch, start_step, batches_per_epoch, args, rank, on_step)
+            start_step = 0
+            if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
+                panels = []
+                scores = evaluate(state["model"], val_loader, state["criterion"], len(class_names), args, rank, panels)
+                if rank == 0:
+                    log_validation(writer, scores, class_names, epoch, panels, args, mean, std)
+                if scores["miou"] > state["best_miou"]:
+                    state["best_miou"] = scores["miou"]
+                    save("best.pt", epoch + 1, 0)
+            save("last.pt", epoch + 1, 0)
+    except NonFiniteLoss as err:
+        raise SystemExit(f"stopped: {err}. The last good checkpoint is {os.path.join(args.output, 'last.pt')}; "
+                         f"try a lower --lr, --clip-grad or --amp off.")
+    finally:
+        if writer is not None:
+            writer.close()
+    if rank == 0:
+        print(f"done in {time.time() - start:.0f} s; best val mIoU {state['best_miou']:.4f}; "
+              f"checkpoints in {args.output}" + (f"; fp16 skipped steps {state['skipped_steps']}" if args.amp == "fp16" else ""))
+    if world_size > 1:
+        dist.destroy_process_group()
+    return state["best_miou"]
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

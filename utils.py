@@ -1,0 +1,259 @@
+"""Metric, seeding, atomic writes, checkpoints, palette and the submission CSV.
+
+This module imports nothing of the toolkit's own, so every other file may use it.
+"""
+import contextlib
+import json
+import os
+import random
+import tempfile
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IGNORE_INDEX = 255
+SUBMISSION_SIZE = 256
+SUBMISSION_HEADER = "image_id,PredictionString"
+
+
+# ---------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_open(path, mode="wb", validate=None):
+    """Open a temporary file beside `path`; rename it into place only on success.
+
+    A crash mid-write leaves the old file (or none), never a half-written one.
+    `validate(tmp_path)` may raise to keep the old file when the new one is bad.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if validate is not None:
+            validate(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_json(path, obj):
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def atomic_write_png(path, array, palette=None):
+    """Write a uint8 image or label map as PNG; with `palette`, as a paletted PNG.
+
+    A paletted PNG keeps the raw label values (readable with cv2.IMREAD_UNCHANGED
+    or PIL) and shows the classes in colour in any image viewer.
+    """
+    if palette is None:
+        ok, buf = cv2.imencode(".png", array)
+        if not ok:
+            raise ValueError(f"could not encode {path} as PNG")
+        atomic_write_bytes(path, buf.tobytes())
+        return
+    from PIL import Image  # torchvision's dependency; only paletted PNGs need it
+
+    image = Image.fromarray(np.asarray(array, dtype=np.uint8), mode="P")
+    image.putpalette(np.asarray(palette, dtype=np.uint8).ravel().tolist())
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
+
+
+# ---------------------------------------------------------------- metric
+class ConfusionMatrix:
+    """Dataset-level confusion matrix (rows: ground truth, columns: prediction).
+
+    Accumulated with bincount on the predictions' device; targets outside
+    [0, num_classes) -- the ignore label 255 among them -- are left out.
+    """
+
+    def __init__(self, num_classes, device=None):
+        self.num_classes = num_classes
+        self.mat = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+
+    def update(self, target, pred):
+        n = self.num_classes
+        target = target.to(self.mat.device).reshape(-1).long()
+        pred = pred.to(self.mat.device).reshape(-1).long()
+        keep = (target >= 0) & (target < n)
+        if ((pred[keep] < 0) | (pred[keep] >= n)).any():
+            raise ValueError(f"prediction holds a class outside 0..{n - 1}")
+        counts = torch.bincount(target[keep] * n + pred[keep], minlength=n * n)
+        self.mat += counts.reshape(n, n)
+
+    def reset(self):
+        self.mat.zero_()
+
+    def all_reduce(self):
+        """Sum the matrices of all processes so every rank sees the exact total."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def compute(self):
+        return scores_from_confusion(self.mat.cpu().numpy())
+
+
+def scores_from_confusion(hist):
+    """The competition's formulas; 0/0 classes are NaN and left out of the means."""
+    hist = np.asarray(hist, dtype=np.float64)
+    diag = np.diag(hist)
+    gt_per_class, pred_per_class = hist.sum(1), hist.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = diag / (gt_per_class + pred_per_class - diag)
+        acc_cls = diag / gt_per_class
+        acc = diag.sum() / hist.sum()
+    freq = gt_per_class / max(hist.sum(), 1)
+    present = freq > 0
+    return {
+        "miou": float(np.nanmean(iou)) if not np.all(np.isnan(iou)) else float("nan"),
+        "iou": iou,
+        "acc": float(acc),
+        "acc_cls": float(np.nanmean(acc_cls)) if present.any() else float("nan"),
+        "fwiou": float((freq[present] * iou[present]).sum()),
+    }
+
+
+def format_iou_table(class_names, scores):
+    """Per-class IoU table, one class a line, NaN shown as '-' (class absent)."""
+    width = max(len(name) for name in class_names)
+    lines = [f"{'class':<{width}}  IoU"]
+    for name, value in zip(class_names, scores["iou"]):
+        lines.append(f"{name:<{width}}  {'-' if np.isnan(value) else f'{value:.4f}'}")
+    lines.append(f"{'mIoU':<{width}}  {scores['miou']:.4f}   pixel acc {scores['acc']:.4f}   "
+                 f"class acc {scores['acc_cls']:.4f}   fwIoU {scores['fwiou']:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- seeding
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(state, path):
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint of plain data only: arbitrary pickled objects are refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises several types for bad or unsafe files
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {err}") from err
+
+
+# ---------------------------------------------------------------- palette
+_BASE_PALETTE = [
+    (0, 0, 0), (192, 0, 128), (0, 128, 192), (0, 128, 64), (128, 0, 0), (64, 0, 128),
+    (64, 0, 192), (192, 128, 64), (192, 192, 128), (64, 64, 128), (128, 0, 192),
+]
+
+
+def class_palette(num_classes):
+    """RGB colour per class: fixed colours for the first 11, seeded ones after."""
+    rng = np.random.default_rng(0)
+    extra = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(max(0, num_classes - len(_BASE_PALETTE)))]
+    return np.array((_BASE_PALETTE + extra)[:num_classes], dtype=np.uint8)
+
+
+def colorize(mask, num_classes):
+    """Label map -> RGB image; ignored pixels (255) are white."""
+    lut = np.full((256, 3), 255, dtype=np.uint8)
+    lut[:num_classes] = class_palette(num_classes)
+    return lut[mask]
+
+
+def overlay(image_rgb, mask, num_classes, alpha=0.5):
+    colour = colorize(mask, num_classes)
+    blended = image_rgb.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha
+    return np.where((mask == 0)[..., None], image_rgb, blended.astype(np.uint8))
+
+
+# ---------------------------------------------------------------- submission CSV
+def resize_for_submission(mask, size=SUBMISSION_SIZE):
+    """Nearest-neighbour resize, the same call albumentations' Resize makes for masks."""
+    return cv2.resize(np.ascontiguousarray(mask, dtype=np.uint8), (size, size),
+                      interpolation=cv2.INTER_NEAREST)
+
+
+def write_submission(path, rows, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
+    """Write `(file_name, full-size mask)` rows; validated before replacing `path`."""
+    def validate(tmp):
+        read_submission(tmp, num_classes, expected_ids=expected_ids, size=size)
+
+    with atomic_open(path, "w", validate=validate) as f:
+        f.write(SUBMISSION_HEADER + "\n")
+        for file_name, mask in rows:
+            if "," in file_name or "\n" in file_name:
+                raise ValueError(f"image id {file_name!r} cannot go in a CSV row")
+            values = resize_for_submission(mask, size).ravel()
+            f.write(file_name + "," + " ".join(map(str, values.tolist())) + "\n")
+
+
+def read_submission(path, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
+    """Read and check a submission CSV; returns {image_id: size x size uint8 mask}.
+
+    Raises ValueError naming the file, the line and what is wrong.
+    """
+    masks = {}
+    with open(path) as f:
+        header = f.readline().rstrip("\n")
+        if header != SUBMISSION_HEADER:
+            raise ValueError(f"{path}: header is {header!r}, expected {SUBMISSION_HEADER!r}")
+        for line_no, line in enumerate(f, start=2):
+            image_id, sep, values = line.rstrip("\n").partition(",")
+            if not sep:
+                raise ValueError(f"{path}:{line_no}: no comma between image_id and PredictionString")
+            if image_id in masks:
+                raise ValueError(f"{path}:{line_no}: image {image_id} appears twice")
+            masks[image_id] = _parse_prediction(values, num_classes, size, f"{path}:{line_no} ({image_id})")
+    if expected_ids is not None:
+        missing = sorted(set(expected_ids) - set(masks))
+        extra = sorted(set(masks) - set(expected_ids))
+        if missing or extra:
+            raise ValueError(f"{path}: {len(missing)} test images missing (e.g. {missing[:3]}), "
+                             f"{len(extra)} unexpected (e.g. {extra[:3]})")
+    return masks
+
+
+def _parse_prediction(text, num_classes, size, where):
+    try:
+        values = np.array(text.split(), dtype=np.int64)
+    except ValueError:
+        raise ValueError(f"{where}: PredictionString holds a value that is not an integer") from None
+    if values.size != size * size:
+        raise ValueError(f"{where}: {values.size} values, expected {size * size}")
+    if values.min() < 0 or values.max() >= num_classes:
+        raise ValueError(f"{where}: values span {values.min()}..{values.max()}, expected 0..{num_classes - 1}")
+    return values.reshape(size, size).astype(np.uint8)
