@@ -63,8 +63,8 @@ def _solid(shape, colour):
 
 
 def _mix(base, other, weight):
-    """Blend two colours or images with a per-pixel weight in [0, 1]."""
-    weight = np.clip(weight, 0, 1)[..., None]
+    """Blend two colours or images with a per-pixel weight (or boolean mask) in [0, 1]."""
+    weight = np.clip(np.asarray(weight, np.float32), 0, 1)[..., None]
     return base * (1 - weight) + other * weight
 
 
@@ -76,17 +76,19 @@ def _cylinder(u, half_width, gloss):
 
 # ---------------------------------------------------------------- shape helpers (unit-sized, local frame)
 
-def _ring(n, radius_fn, aspect=1.0):
-    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    r = radius_fn(angles)
-    return np.stack([aspect * r * np.cos(angles), r * np.sin(angles)], 1)
+def _ring(radii, aspect=1.0):
+    """Closed outline through points at evenly spaced angles and the given radii."""
+    angles = np.linspace(0, 2 * np.pi, len(radii), endpoint=False)
+    return np.stack([aspect * radii * np.cos(angles), radii * np.sin(angles)], 1)
 
 
 def _blob(rng, n, roughness, aspect=1.0, jag=0.0):
     """Closed wobbly outline: a few random harmonics plus optional per-vertex jaggedness."""
-    harmonics = [(k, rng.normal(0, roughness / k), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)]
-    jitter = 1 + rng.uniform(-jag, jag, n)
-    return _ring(n, lambda a: jitter * (1 + sum(amp * np.cos(k * a + ph) for k, amp, ph in harmonics)), aspect)
+    angles = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    radii = 1 + rng.uniform(-jag, jag, n)
+    for k in range(2, 6):
+        radii += rng.normal(0, roughness / k) * np.cos(k * angles + rng.uniform(0, 2 * np.pi))
+    return _ring(radii, aspect)
 
 
 def _rounded_rect(half_w, half_h, radius, corner_points=4):
@@ -141,7 +143,7 @@ def _general_trash(rng):
 def _paper(rng):
     half_w = rng.uniform(0.55, 0.85)
     outline = _jitter(rng, _subdivide(_rounded_rect(half_w, 1.0, 0.02, 2), 3), 0.035)
-    cardboard = rng.random() < 0.3
+    cardboard = rng.random() < 0.2
     if cardboard:
         base = _hsv(rng.uniform(26, 36), rng.uniform(0.35, 0.5), rng.uniform(0.6, 0.75))
     else:
@@ -177,8 +179,8 @@ def _paper_pack(rng):
     side_face = rng.uniform(-0.2, 0.3) * half_w
 
     def paint(rng, u, v, scale):
-        tex = _mix(_solid(u.shape, white), band, ((v > band_top) & (v < band_top + band_height)).astype(np.float32))
-        tex = _mix(tex, logo, (np.hypot(u + 0.1 * half_w, v + 0.15) < 0.22).astype(np.float32))
+        tex = _mix(_solid(u.shape, white), band, (v > band_top) & (v < band_top + band_height))
+        tex = _mix(tex, logo, np.hypot(u + 0.1 * half_w, v + 0.15) < 0.22)
         shade = np.where(u > side_face, 0.8, 1.0) * np.where(v < -0.62, 0.88, 1.0)
         return tex * (shade * (1 + 0.04 * _noise(rng, u.shape, 0.3 * scale)))[..., None]
 
@@ -197,13 +199,13 @@ def _metal(rng):
             shade = 0.75 + 0.3 * np.cos(2 * np.pi * r * 3.5) ** 2 * (r > 0.75) + 0.15 * np.exp(-((u + v) / 0.2) ** 2)
             return _solid(u.shape, silver) * shade[..., None]
 
-        return Design([_ring(20, lambda a: radius + 0 * a)], paint, 1.0)
+        return Design([_ring(np.full(20, radius))], paint, 1.0)
 
     half_w = rng.uniform(0.4, 0.55)
 
     def paint(rng, u, v, scale):
         body = printed & (np.abs(v) < 0.78)
-        tex = _mix(_solid(u.shape, silver), paint_colour, body.astype(np.float32))
+        tex = _mix(_solid(u.shape, silver), paint_colour, body)
         rims = (np.abs(v) > 0.88) & (np.abs(v) < 0.93)
         shade = _cylinder(u, half_w, 0.6) * np.where(rims, 0.6, 1.0)
         return tex * shade[..., None]
@@ -218,29 +220,27 @@ def _bottle(half_w, neck_w, shoulder_v, neck_v):
 
 
 def _glass(rng):
-    kind = rng.choice(3, p=[0.45, 0.35, 0.2])
-    colour = [_hsv(rng.uniform(95, 150), rng.uniform(0.5, 0.85), rng.uniform(0.25, 0.5)),
-              _hsv(rng.uniform(22, 35), rng.uniform(0.75, 0.95), rng.uniform(0.25, 0.45)),
-              _hsv(rng.uniform(160, 200), rng.uniform(0.06, 0.16), rng.uniform(0.65, 0.82))][kind]
-    half_w = rng.uniform(0.28, 0.38)
+    if rng.random() < 0.55:  # green
+        colour = _hsv(rng.uniform(95, 150), rng.uniform(0.5, 0.85), rng.uniform(0.25, 0.5))
+    else:  # amber
+        colour = _hsv(rng.uniform(22, 35), rng.uniform(0.75, 0.95), rng.uniform(0.25, 0.45))
     if rng.random() < 0.75:
+        half_w = rng.uniform(0.28, 0.38)
         outline = _bottle(half_w, rng.uniform(0.09, 0.12), rng.uniform(-0.25, 0.0), rng.uniform(-0.6, -0.45))
     else:  # jar
-        outline = _rounded_rect(1.6 * half_w, 0.75, 0.12)
+        half_w = rng.uniform(0.45, 0.6)
+        outline = _rounded_rect(half_w, 0.75, 0.12)
 
     def paint(rng, u, v, scale):
-        shade = _cylinder(u, 1.6 * half_w, 1.2)
+        shade = _cylinder(u, half_w, 1.2)
         return _solid(u.shape, colour) * shade[..., None]
 
-    return Design([outline], paint, 0.6 if kind == 2 else 0.85)
+    return Design([outline], paint, 0.85)
 
 
 def _plastic(rng):
     cap = _hsv(rng.uniform(0, 360), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9))
-    if rng.random() < 0.8:  # clear bluish PET, translucent
-        colour, alpha = _hsv(rng.uniform(180, 215), rng.uniform(0.15, 0.45), rng.uniform(0.75, 0.95)), 0.75
-    else:  # opaque coloured container
-        colour, alpha = _hsv(rng.uniform(0, 60), rng.uniform(0.7, 0.95), rng.uniform(0.75, 0.95)), 1.0
+    colour = _hsv(rng.uniform(175, 215), rng.uniform(0.15, 0.45), rng.uniform(0.75, 0.95))  # clear PET tints
     half_w = rng.uniform(0.3, 0.42)
     cup = rng.random() < 0.3
     if cup:  # tapered cup, rim up
@@ -252,11 +252,11 @@ def _plastic(rng):
     def paint(rng, u, v, scale):
         tex = _solid(u.shape, colour)
         if not cup:
-            tex = _mix(tex, cap, (v < -0.86).astype(np.float32))
+            tex = _mix(tex, cap, v < -0.86)
         shade = _cylinder(u, 1.3 * half_w, 0.8) * (1 + 0.12 * np.sin(2 * np.pi * v / ridge_period))
         return tex * shade[..., None]
 
-    return Design([outline], paint, alpha)
+    return Design([outline], paint, 0.75)
 
 
 def _styrofoam(rng):
@@ -309,8 +309,8 @@ def _battery(rng):
         band_end = -0.75
 
     def paint(rng, u, v, scale):
-        tex = _mix(_solid(u.shape, body), band, ((v < band_end) & (v > -0.9)).astype(np.float32))
-        tex = _mix(tex, terminal, (v <= -0.9).astype(np.float32))
+        tex = _mix(_solid(u.shape, body), band, (v < band_end) & (v > -0.9))
+        tex = _mix(tex, terminal, v <= -0.9)
         return tex * _cylinder(u, half_w, 0.7)[..., None]
 
     return Design([outline], paint, 1.0)
@@ -321,7 +321,7 @@ def _clothing(rng):
     if kind == 0:  # T-shirt
         parts = [_mirror([(0.25, -0.9), (0.55, -0.8), (0.95, -0.45), (0.8, -0.2), (0.6, -0.35), (0.6, 1.0)])]
     elif kind == 1:  # trousers, legs apart at the crotch
-        parts = [_mirror([(0.05, -1.0), (0.55, -1.0), (0.62, 1.0), (0.2, 1.0), (0.07, -0.3)])[:-1]]
+        parts = [_mirror([(0.05, -1.0), (0.55, -1.0), (0.62, 1.0), (0.2, 1.0), (0.07, -0.3)])]
     else:  # a pair of socks: two separate pieces
         sock = np.array([(-0.2, -1.0), (0.2, -1.0), (0.2, 0.5), (0.55, 0.6), (0.55, 0.95), (-0.2, 0.95)])
         parts = [sock + [-0.45, 0], sock * [-1, 1] + [0.45, rng.uniform(-0.2, 0.2)]]
@@ -337,7 +337,7 @@ def _clothing(rng):
         stripes_v = (v / period) % 1 < 0.45
         stripes_u = (u / period) % 1 < 0.45
         if pattern == "stripes":
-            tex = _mix(_solid(u.shape, main), second, stripes_v.astype(np.float32))
+            tex = _mix(_solid(u.shape, main), second, stripes_v)
         elif pattern == "plaid":
             tex = _mix(_solid(u.shape, main), second, 0.35 * stripes_v + 0.35 * stripes_u)
         else:
@@ -356,31 +356,38 @@ DESIGNS = {GENERAL_TRASH: _general_trash, PAPER: _paper, PAPER_PACK: _paper_pack
            GLASS: _glass, PLASTIC: _plastic, STYROFOAM: _styrofoam, PLASTIC_BAG: _plastic_bag,
            BATTERY: _battery, CLOTHING: _clothing}
 # Half-length of each class as a fraction of the photo side, before the per-photo zoom.
-SCALE_RANGES = {GENERAL_TRASH: (0.07, 0.14), PAPER: (0.09, 0.18), PAPER_PACK: (0.08, 0.13), METAL: (0.07, 0.11),
-                GLASS: (0.09, 0.15), PLASTIC: (0.08, 0.14), STYROFOAM: (0.07, 0.15), PLASTIC_BAG: (0.12, 0.22),
-                BATTERY: (0.055, 0.08), CLOTHING: (0.15, 0.24)}
+SCALE_RANGES = {GENERAL_TRASH: (0.1, 0.2), PAPER: (0.13, 0.26), PAPER_PACK: (0.11, 0.18), METAL: (0.1, 0.16),
+                GLASS: (0.12, 0.2), PLASTIC: (0.11, 0.19), STYROFOAM: (0.1, 0.2), PLASTIC_BAG: (0.16, 0.3),
+                BATTERY: (0.07, 0.1), CLOTHING: (0.2, 0.32)}
 
 
 # ---------------------------------------------------------------- floors
 
+def _seam_width(size):
+    return max(1, round(size / 200))
+
+
 def _wood(rng, size):
     plank = size * rng.uniform(0.08, 0.16)
+    board_length = plank * rng.uniform(4, 7)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    row = np.floor(y / plank)
-    tint = 1 + 0.1 * rng.standard_normal(int(row.max()) + 1).astype(np.float32)[row.astype(int)]
-    grain = np.sin(y * rng.uniform(0.5, 1.0) + 4 * _noise(rng, (size, size), size / 6) + x * 0.01)
-    gap = (y % plank) < 2
+    row = (y / plank).astype(int)
+    tint = 1 + 0.1 * rng.standard_normal(row.max() + 1, dtype=np.float32)[row]
+    stagger = rng.uniform(0, board_length, row.max() + 1).astype(np.float32)[row]
+    grain = np.sin(2 * np.pi * y / (plank / rng.uniform(5, 9)) + 4 * _noise(rng, (size, size), size / 6))
+    seam = ((y % plank) < _seam_width(size)) | (((x + stagger) % board_length) < _seam_width(size))
     base = _hsv(rng.uniform(18, 40), rng.uniform(0.3, 0.55), rng.uniform(0.35, 0.7))
-    shade = tint * (1 + 0.08 * grain) * np.where(gap, 0.55, 1.0)
+    shade = tint * (1 + 0.08 * grain) * np.where(seam, 0.55, 1.0)
     return _solid((size, size), base) * shade[..., None]
 
 
 def _tiles(rng, size):
     tile = size * rng.uniform(0.12, 0.3)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    grout = ((x % tile) < 3) | ((y % tile) < 3)
-    tile_ids = (np.floor(y / tile) * 64 + np.floor(x / tile)).astype(int)
-    tint = 1 + 0.05 * rng.standard_normal(64 * 64).astype(np.float32)[tile_ids]
+    grout = ((x % tile) < _seam_width(size) + 1) | ((y % tile) < _seam_width(size) + 1)
+    tiles_per_side = int(size / tile) + 1
+    tint = 1 + 0.05 * rng.standard_normal((tiles_per_side, tiles_per_side), dtype=np.float32)
+    tint = tint[(y / tile).astype(int), (x / tile).astype(int)]
     base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.45, 0.85))
     shade = tint * (1 + 0.03 * _noise(rng, (size, size), size / 20)) * np.where(grout, 0.7, 1.0)
     return _solid((size, size), base) * shade[..., None]
@@ -412,6 +419,7 @@ def _floor(rng, size):
 # ---------------------------------------------------------------- scene composition
 
 def _scene_classes(rng, split_index):
+    """Common classes drawn at tempered real frequencies, rare ones added on their schedule."""
     classes = list(rng.choice(COMMON_CLASSES, size=rng.integers(4, 11), p=COMMON_WEIGHTS))
     if split_index % BATTERY_EVERY == 0:
         classes.append(BATTERY)
@@ -421,8 +429,8 @@ def _scene_classes(rng, split_index):
 
 
 def _centre(rng, placed, size):
-    """Half the objects land next to an earlier one so that objects overlap and occlude."""
-    if placed and rng.random() < 0.5:
+    """A third of the objects land next to an earlier one, so that objects overlap and occlude."""
+    if placed and rng.random() < 0.35:
         cx, cy, scale = placed[rng.integers(len(placed))]
         angle, dist = rng.uniform(0, 2 * np.pi), scale * rng.uniform(0.5, 1.3)
         centre = np.array([cx + dist * np.cos(angle), cy + dist * np.sin(angle)])
@@ -443,7 +451,8 @@ def _to_image(parts, centre, scale, angle, size):
 
 
 def _pose_objects(rng, classes, size):
-    zoom = rng.uniform(0.9, 1.45)
+    """Design, size and place each object; returns them in paint (descending area) order."""
+    zoom = rng.uniform(0.8, 1.3)
     objects, placed = [], []
     for category in classes:
         design = DESIGNS[category](rng)
@@ -543,7 +552,7 @@ def make_demo(root, seed=0, size=512, n_train=120, n_val=30, n_test=30):
         for index in range(count):
             scene = render_scene(seed, split, index, size)
             file_name = _file_name(split, image_id)
-            ok, jpeg = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            jpeg = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
             utils.atomic_write_bytes(os.path.join(root, file_name), jpeg.tobytes())
             images[split].append({"id": image_id, "file_name": file_name, "height": size, "width": size})
             if split != "test":  # test photos ship without labels

@@ -3,6 +3,7 @@
     python inference.py                                   # runs/*/best.pt on the demo test set
     python inference.py --checkpoints "runs/*-fold*" --tta --tta-vflip --tta-scales 0.75 1.0 1.25
     python inference.py --json val.json --eval            # score a labelled json
+    python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. Softmax probabilities are averaged
@@ -34,6 +35,8 @@ def get_args_parser():
     p.add_argument("--json", default="test.json", help="images to predict, relative to --data-root")
     p.add_argument("--output", default="submission.csv", help="submission CSV path (written atomically)")
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
+    p.add_argument("--oof", default=None, metavar="RUN_GLOB",
+                   help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
@@ -48,21 +51,36 @@ def get_args_parser():
 
 # ---------------------------------------------------------------- models
 class Member(torch.nn.Module):
-    """One checkpoint: resizes and normalises [0, 1] images itself, returns probabilities."""
+    """One checkpoint: [0, 1] images at any size -> class probabilities at the same size.
 
-    def __init__(self, checkpoint):
+    Images are resized to the checkpoint's training size first; test-time
+    augmentation (scales included) applies at that size.
+    """
+
+    def __init__(self, checkpoint, tta_transforms=None):
         super().__init__()
-        self.net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
-                                       **checkpoint["model_kwargs"])
-        self.net.load_state_dict(checkpoint["state_dict"])
+        net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
+                                  **checkpoint["model_kwargs"])
+        net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
-        self.register_buffer("mean", torch.tensor(checkpoint["mean"]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(checkpoint["std"]).view(1, -1, 1, 1))
+        self.probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
+        if tta_transforms is not None:
+            self.probs = tta.SegmentationTTAWrapper(self.probs, tta_transforms, merge_mode="mean")
 
     def forward(self, images):
         x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        logits = self.net((x - self.mean) / self.std)
-        return logits.float().softmax(1)
+        return F.interpolate(self.probs(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class NormalisedSoftmax(torch.nn.Module):
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std).float().softmax(1)
 
 
 def expand_checkpoints(patterns):
@@ -85,12 +103,9 @@ def load_ensemble(patterns, device, tta_transforms=None):
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint["class_names"] != class_names:
             raise ValueError(f"{path} predicts {checkpoint['class_names']}, {paths[0]} predicts {class_names}")
-    members = [Member(c) for c in checkpoints]
-    if tta_transforms is not None:
-        members = [tta.SegmentationTTAWrapper(m, tta_transforms, merge_mode="mean") for m in members]
-    ensemble = Ensemble(members).to(device).eval()
+    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints]).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
-    return models.prepare_for_inference(ensemble), class_names
+    return ensemble, class_names
 
 
 class Ensemble(torch.nn.Module):
@@ -119,16 +134,14 @@ def unit_range_transform():
 
 @torch.inference_mode()
 def predict(ensemble, loader, device, amp="off"):
-    """Yield (index, probabilities C x H x W on the device) at each image's json size."""
+    """Yield (dataset index, class probabilities C x H x W on the device) in loader order."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     index = 0
     for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
             probs = ensemble(images.to(device, non_blocking=True))
         for prob in probs.float():
-            info = loader.dataset.images[index]
-            yield index, F.interpolate(prob[None], size=(info["height"], info["width"]),
-                                       mode="bilinear", align_corners=False)[0]
+            yield index, prob
             index += 1
 
 
@@ -142,7 +155,42 @@ def save_outputs(args, info, image_path, mask, num_classes):
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
 
+def run_oof(args):
+    """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
+    paths = expand_checkpoints([args.oof])
+    transforms = build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
+    confusion, seen = None, {}
+    for path in paths:
+        run = utils.load_checkpoint(path)["args"]
+        if run.get("fold") is None:
+            raise ValueError(f"{path} was not trained with --fold")
+        key = (os.path.realpath(os.path.join(run["data_root"], run["all_json"])), run["n_folds"], run["fold_seed"])
+        if seen and key not in {k for k, _ in seen.values()}:
+            raise ValueError(f"{path} splits {key}, other runs split {next(iter(seen.values()))[0]}")
+        if run["fold"] in seen:
+            raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']][1]} and {path}")
+        seen[run["fold"]] = (key, path)
+        ensemble, class_names = load_ensemble([path], args.device, transforms)
+        coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
+        _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
+        dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", unit_range_transform(),
+                                           paint_order=run["paint_order"], image_ids=val_ids)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+        fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
+        for index, prob in predict(ensemble, loader, args.device, args.amp):
+            fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
+        print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
+        confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
+    missing = sorted(set(range(run["n_folds"])) - set(seen))
+    scores = utils.scores_from_confusion(confusion.cpu().numpy())
+    print(f"out-of-fold over folds {sorted(seen)}" + (f" (missing folds {missing})" if missing else ""))
+    print(utils.format_iou_table(class_names, scores))
+    return scores
+
+
 def main(args):
+    if args.oof:
+        return run_oof(args)
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
     transforms = build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None

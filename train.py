@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import copy_paste
 import dataset as data
 import loss as losses
 import model as models
+import pseudo_label
 import scheduler as schedulers
 import utils
 
@@ -37,14 +39,25 @@ def get_args_parser():
     g.add_argument("--fold", type=int, default=None,
                    help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
     g.add_argument("--n-folds", type=int, default=5, help="number of folds for --fold")
+    g.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (kept apart from --seed)")
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
                    help="more labelled jsons for training (e.g. copy_paste.py output); images relative to each json's folder")
     g.add_argument("--paint-order", choices=data.PAINT_ORDERS, default="area",
                    help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
+    g.add_argument("--cache-images", action="store_true",
+                   help="also cache decoded pixels (H*W*3 bytes per image on disk) so epochs skip JPEG decoding")
     g.add_argument("--size", type=int, default=512, help="training and validation image side in pixels")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
+    g.add_argument("--copy-paste-p", type=float, default=0.5,
+                   help="probability of pasting rare objects into a training image (0 = off)")
+    g.add_argument("--copy-paste-classes", default=None,
+                   help="comma-separated class names to paste (default: the two rarest by annotation count)")
+    g.add_argument("--copy-paste-max", type=int, default=3, help="most objects pasted into one image")
+    g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
+    g.add_argument("--pseudo-ratio", type=float, default=0.5,
+                   help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
@@ -90,12 +103,12 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------- distributed
-def init_distributed():
+def init_distributed(device):
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     if "RANK" not in os.environ:
         return 0, 1, 0
     local_rank = int(os.environ["LOCAL_RANK"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.startswith("cuda") else "gloo"  # --device cpu on a GPU machine needs gloo
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend)
@@ -104,31 +117,40 @@ def init_distributed():
 
 # ---------------------------------------------------------------- data
 def build_datasets(args, mean, std):
-    extra = build_copy_paste(args)
-    train_tf = data.build_transform(args.aug, args.size, mean, std, extra=extra)
+    """(labelled train set, everything trained on, val set)."""
+    train_tf = data.build_transform(args.aug, args.size, mean, std)
     val_tf = data.build_transform("eval", args.size, mean, std)
-    common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir)
+    common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir, cache_images=args.cache_images)
     if args.fold is None:
         train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
         val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
     else:
         coco = data.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
-        train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.seed)
+        train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.fold_seed)
         train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
-    parts = [train] + [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
-                                                "train", train_tf, **common) for path in args.extra_json]
-    for part in parts[1:]:
-        if part.class_names != train.class_names:
-            raise ValueError(f"{part.coco.path} has classes {part.class_names}, the training set {train.class_names}")
-    for part in parts + [val]:
+    if args.copy_paste_p > 0:
+        # the object bank comes from this run's own training images only
+        classes = args.copy_paste_classes.split(",") if args.copy_paste_classes else None
+        train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
+            train, classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
+    extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
+                                      "train", train.transform, **common) for path in args.extra_json]
+    for part in extra:
+        check_same_classes(part.coco.path, part.class_names, train.class_names)
+    for part in [train, val] + extra:
         part.coco.report_notes()
+    if args.pseudo and args.pseudo_ratio > 0:
+        pseudo = pseudo_label.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
+        check_same_classes(args.pseudo, pseudo.class_names, train.class_names)
+        extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
+    parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
 
 
-def build_copy_paste(args):
-    """Copy-paste transforms to put before the augmentation preset (none by default)."""
-    return []
+def check_same_classes(source, class_names, expected):
+    if list(class_names) != list(expected):
+        raise ValueError(f"{source} has classes {list(class_names)}, the training set {list(expected)}")
 
 
 def build_loaders(args, train_set, val_set, rank, world_size):
@@ -139,6 +161,8 @@ def build_loaders(args, train_set, val_set, rank, world_size):
                                                drop_last=len(train_set) >= args.batch_size * world_size,
                                                **loader_kwargs)
     # each rank scores a disjoint share of the val images, no padding, so the summed matrix is exact
+    if len(val_set) < world_size:  # a rank without val images would miss DDP's buffer broadcast in evaluate()
+        raise ValueError(f"{len(val_set)} validation images cannot be shared among {world_size} processes")
     val_indices = list(range(rank, len(val_set), world_size))
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices, **loader_kwargs)
     return train_loader, val_loader
@@ -182,7 +206,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
             loss = criterion(model(images), masks)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
-        scaler.scale(loss / args.accum_steps).backward()
+        state["scaler"].scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
             optimizer_step(state, args)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
@@ -215,7 +239,7 @@ def evaluate(model, loader, criterion, num_classes, args, rank=0, panels=None):
         with autocast(args):
             logits = model(images)
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        loss_sum += torch.stack([criterion(logits, masks).double() * len(images), torch.tensor(len(images))])
+        loss_sum += torch.stack([criterion(logits, masks).double() * len(images), loss_sum.new_tensor(len(images))])
         preds = logits.argmax(1)
         confusion.update(masks, preds)
         if panels is not None and len(panels) < PANEL_IMAGES:
@@ -302,6 +326,8 @@ def build_model(args, num_classes, local_rank, world_size):
     model = models.create_model(args.model, models.resolve_encoder(args.encoder), num_classes,
                                 pretrained=args.pretrained, weights=args.weights)
     if args.sync_bn and world_size > 1:
+        if not args.device.startswith("cuda"):
+            raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(args.device)
     if args.channels_last:
@@ -313,13 +339,13 @@ def build_model(args, num_classes, local_rank, world_size):
 
 
 def main(args):
-    rank, world_size, local_rank = init_distributed()
+    rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not args.deterministic
-    if args.data_root == data.DEFAULT_DATA_ROOT and rank == 0:
+    if args.data_root == data.DEFAULT_DATA_ROOT and local_rank == 0:  # one build per node: nodes may not share disks
         data.ensure_demo(args.data_root)
     if world_size > 1:
         dist.barrier()

@@ -54,14 +54,15 @@ def atomic_write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
-def atomic_write_png(path, array, palette=None):
+def atomic_write_png(path, array, palette=None, params=()):
     """Write a uint8 image or label map as PNG; with `palette`, as a paletted PNG.
 
     A paletted PNG keeps the raw label values (readable with cv2.IMREAD_UNCHANGED
-    or PIL) and shows the classes in colour in any image viewer.
+    or PIL) and shows the classes in colour in any image viewer. `params`: cv2
+    imwrite flags for the plain PNG.
     """
     if palette is None:
-        ok, buf = cv2.imencode(".png", array)
+        ok, buf = cv2.imencode(".png", array, list(params))
         if not ok:
             raise ValueError(f"could not encode {path} as PNG")
         atomic_write_bytes(path, buf.tobytes())
@@ -210,7 +211,10 @@ def resize_for_submission(mask, size=SUBMISSION_SIZE):
 def write_submission(path, rows, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
     """Write `(file_name, full-size mask)` rows; validated before replacing `path`."""
     def validate(tmp):
-        read_submission(tmp, num_classes, expected_ids=expected_ids, size=size)
+        try:
+            read_submission(tmp, num_classes, expected_ids=expected_ids, size=size)
+        except ValueError as err:  # name the file the user asked for, not the deleted temporary one
+            raise ValueError(str(err).replace(tmp, os.fspath(path))) from None
 
     with atomic_open(path, "w", validate=validate) as f:
         f.write(SUBMISSION_HEADER + "\n")

@@ -1,0 +1,128 @@
+"""Speed and memory of our models against segmentation_models_pytorch, side by side on CPU.
+
+    python benchmarks/bench_model.py                      # unetpp and deeplabv3p, EfficientNet-B4, 512x512, batch 2
+    python benchmarks/bench_model.py --models unetpp --iters 3
+
+Both sides get the same timm encoder (random init), decoder settings, input, loss and optimizer.
+Timed iterations alternate between the two models (and which one goes first), so load from other
+processes hits both alike; the medians are reported. Inference uses torch.inference_mode();
+ours goes through model.prepare_for_inference (conv+BN fusion, channels_last), the reference is
+used as is. Peak memory is the most CPU memory allocated by tensors above the state before the
+step (weights and inputs excluded), from the profiler's memory events.
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import model as ours  # noqa: E402
+
+
+def reference_model(name, encoder, num_classes):
+    import segmentation_models_pytorch as smp
+
+    if name == "unetpp":
+        return smp.UnetPlusPlus(f"tu-{encoder}", encoder_weights=None, classes=num_classes)
+    if name == "deeplabv3p":
+        return smp.DeepLabV3Plus(
+            f"tu-{encoder}", encoder_weights=None, classes=num_classes, decoder_atrous_rates=(6, 12, 18)
+        )
+    raise ValueError(f"no reference for {name!r}")
+
+
+def train_step(model, images, masks):
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), masks).backward()
+        optimizer.step()
+
+    return step
+
+
+def inference_step(model, images):
+    model.eval()
+
+    def step():
+        with torch.inference_mode():
+            model(images)
+
+    return step
+
+
+def median_seconds(steps, warmup, iters):
+    """Median time per call of each step; calls alternate between the steps in rotating order."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {key: [] for key in steps}
+    keys = list(steps)
+    for i in range(iters):
+        for key in keys[i % len(keys):] + keys[: i % len(keys)]:
+            start = time.perf_counter()
+            steps[key]()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def peak_memory_mib(step):
+    """Peak of tensor memory allocated during one call, relative to before it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0) / 2**20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["unetpp", "deeplabv3p"])
+    parser.add_argument("--encoder", default="efficientnet_b4", help="timm encoder name (random init)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--num-classes", type=int, default=11)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per model and mode")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size)
+    masks = torch.randint(0, args.num_classes, (args.batch, args.size, args.size))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, encoder {args.encoder}, "
+          f"{args.batch}x3x{args.size}x{args.size}, fp32 CPU, median of {args.iters}")
+    header = f"{'model':<11}{'mode':<7}{'ref img/s':>10}{'ours img/s':>11}{'ratio':>7}{'ref MiB':>9}{'ours MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in args.models:
+        mine = ours.create_model(name, args.encoder, args.num_classes)
+        ref = reference_model(name, args.encoder, args.num_classes)
+        for mode in ("train", "infer"):
+            if mode == "train":
+                steps = {"ref": train_step(ref, images, masks), "ours": train_step(mine, images, masks)}
+            else:
+                fast = ours.prepare_for_inference(copy.deepcopy(mine))
+                steps = {"ref": inference_step(ref, images), "ours": inference_step(fast, images)}
+            seconds = median_seconds(steps, args.warmup, args.iters)
+            memory = {key: peak_memory_mib(step) for key, step in steps.items()}
+            speed = {key: args.batch / s for key, s in seconds.items()}
+            print(f"{name:<11}{mode:<7}{speed['ref']:>10.2f}{speed['ours']:>11.2f}"
+                  f"{speed['ours'] / speed['ref']:>7.2f}{memory['ref']:>9.0f}{memory['ours']:>9.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,519 @@
+"""Segmentation models on timm encoders: UNet++, UNet and DeepLabV3+, behind a small registry.
+
+    model = create_model("unetpp", "effb4", num_classes=11)
+    logits = model(images)  # N,C,H,W floats -> N,num_classes,H,W logits, any H and W
+
+Every model pads its input to a multiple of the encoder stride and crops the logits back, so
+odd sizes such as 500x375 work. Encoders come from timm (`features_only=True`); short aliases
+live in ENCODER_ALIASES and any other timm name passes through unchanged.
+"""
+import os
+
+import timm
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Short encoder names -> timm names; the tags pick weights that exist on the timm hub.
+# effb6/effb7 only have hub weights as TensorFlow ports ("same" padding, a little slower).
+ENCODER_ALIASES = {
+    "effb0": "efficientnet_b0.ra_in1k",
+    "effb1": "efficientnet_b1.ft_in1k",
+    "effb2": "efficientnet_b2.ra_in1k",
+    "effb3": "efficientnet_b3.ra2_in1k",
+    "effb4": "efficientnet_b4.ra2_in1k",
+    "effb5": "efficientnet_b5.sw_in12k_ft_in1k",
+    "effb6": "tf_efficientnet_b6.ns_jft_in1k",
+    "effb7": "tf_efficientnet_b7.ns_jft_in1k",
+    "effv2s": "tf_efficientnetv2_s.in21k_ft_in1k",
+    "r18": "resnet18.a1_in1k",
+    "r34": "resnet34.a1_in1k",
+    "r50": "resnet50.a1_in1k",
+    "r101": "resnet101.a1h_in1k",
+    "rx50": "resnext50_32x4d.a1h_in1k",
+    "regy32": "regnety_032.ra_in1k",
+    "mnv3": "mobilenetv3_large_100.ra_in1k",
+    "cnxt": "convnext_tiny.fb_in22k_ft_in1k",
+    "cnxt-s": "convnext_small.fb_in22k_ft_in1k",
+    "swin": "swin_tiny_patch4_window7_224.ms_in22k_ft_in1k",
+}
+
+ENCODER_STRIDES = (2, 4, 8, 16, 32)  # level i of every decoder sits at stride 2 ** (i + 1)
+
+
+def resolve_encoder(name):
+    """Alias or timm name -> timm name."""
+    return ENCODER_ALIASES.get(name, name)
+
+
+def encoder_normalization(encoder):
+    """(mean, std) the encoder's pretrained weights expect; ImageNet statistics when unknown."""
+    cfg = timm.models.get_pretrained_cfg(resolve_encoder(encoder))  # registry lookup, no download
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+_MODEL_BUILDERS = {}
+
+
+def register_model(builder):
+    """Register a model builder under its function name."""
+    _MODEL_BUILDERS[builder.__name__] = builder
+    return builder
+
+
+def list_models():
+    return sorted(_MODEL_BUILDERS)
+
+
+def create_model(name, encoder, num_classes, in_channels=3, pretrained=False, weights=None, **kwargs):
+    """Build a registered model on a timm encoder.
+
+    pretrained=True downloads the encoder's timm hub weights; weights=PATH loads a local state
+    dict (.pth/.pt) or .safetensors file of the timm model instead, which works offline.
+    Other keyword arguments go to the model builder (see each builder's docstring).
+    """
+    if name not in _MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODEL_BUILDERS[name](
+        encoder, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, weights=weights, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoder
+
+
+def load_weights_file(path):
+    """State dict from a .safetensors file or a torch checkpoint (optionally under 'state_dict'/'model')."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"encoder weights file not found: {path!r} (the `weights` option expects a local .pth/.pt "
+            "state dict or a .safetensors file of the timm encoder)"
+        )
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+def _create_timm_model(name, pretrained, weights, **kwargs):
+    if weights is not None:
+        # Handing timm the state dict lets it drop the classifier and adapt the stem to in_chans.
+        overlay = {"state_dict": load_weights_file(weights)}
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not get pretrained weights for encoder {name!r} from the timm hub ({err}). "
+            f"Offline? Fetch them once elsewhere (e.g. model.safetensors of timm/{name} on the "
+            "Hugging Face hub) and pass weights=PATH (a .pth state dict or .safetensors of the timm model)."
+        ) from err
+
+
+class Encoder(nn.Module):
+    """A timm backbone returning NCHW feature maps at strides 2 (or 4), 4, 8, 16 and 32.
+
+    `levels[k]` is the decoder level of the k-th feature (level i = stride 2 ** (i + 1)), so
+    CNNs give levels 0-4 and transformer-style backbones (first feature at stride 4) give 1-4.
+    With output_stride 8 or 16 the deepest stages are dilated instead of downsampled (DeepLab).
+    """
+
+    def __init__(self, name, in_channels=3, output_stride=32, pretrained=False, weights=None, **timm_kwargs):
+        super().__init__()
+        name = resolve_encoder(name)
+        if name.startswith("swin"):
+            timm_kwargs.setdefault("strict_img_size", False)  # windows are padded, any multiple of 32 works
+        with torch.device("meta"):  # cheap probe of the nominal feature strides
+            probe = timm.create_model(name, features_only=True, **timm_kwargs)
+        index_of_stride = {r: i for i, r in enumerate(probe.feature_info.reduction()) if r in ENCODER_STRIDES}
+        if 32 not in index_of_stride:
+            raise ValueError(f"encoder {name!r} has no stride-32 feature map: {probe.feature_info.reduction()}")
+        if output_stride != 32:
+            timm_kwargs["output_stride"] = output_stride
+        self.model = _create_timm_model(
+            name, pretrained, weights, features_only=True, in_chans=in_channels,
+            out_indices=tuple(sorted(index_of_stride.values())), **timm_kwargs,
+        )
+        self.name = name
+        self.in_channels = in_channels
+        self.levels = [ENCODER_STRIDES.index(r) for r in sorted(index_of_stride)]
+        self.channels = self.model.feature_info.channels()
+        self.stride = max(self.model.feature_info.reduction())  # input sizes must be multiples of this
+        self.nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+
+    def forward(self, x):
+        features = self.model(x)
+        if self.nhwc:  # a permuted view is a channels_last NCHW tensor: no copy needed
+            features = [f.permute(0, 3, 1, 2) for f in features]
+        return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ConvBnAct(nn.Sequential):
+    """Conv (optionally depthwise-separable) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, dilation=1, separable=False):
+        padding = dilation * (kernel_size // 2)
+        if separable:
+            convs = [
+                nn.Conv2d(in_channels, in_channels, kernel_size, padding=padding, dilation=dilation,
+                          groups=in_channels, bias=False),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            ]
+        else:
+            convs = [nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)]
+        super().__init__(*convs, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class SCSE(nn.Module):
+    """Concurrent spatial and channel squeeze & excitation (Roy et al., 2018)."""
+
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.channel_gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, hidden, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Sigmoid(),
+        )
+        self.spatial_gate = nn.Sequential(nn.Conv2d(channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * (self.channel_gate(x) + self.spatial_gate(x))
+
+
+def _attention(kind, channels):
+    if kind is None:
+        return nn.Identity()
+    if kind == "scse":
+        return SCSE(channels)
+    raise ValueError(f"unknown attention {kind!r}; use None or 'scse'")
+
+
+class UpFuseBlock(nn.Module):
+    """Upsample x2 (nearest), concatenate the skips, then two 3x3 ConvBnAct."""
+
+    def __init__(self, in_channels, skip_channels, out_channels, attention=None):
+        super().__init__()
+        fused = in_channels + skip_channels
+        self.attention_in = _attention(attention, fused) if skip_channels else nn.Identity()
+        self.conv1 = ConvBnAct(fused, out_channels)
+        self.conv2 = ConvBnAct(out_channels, out_channels)
+        self.attention_out = _attention(attention, out_channels)
+
+    def forward(self, x, skips=()):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        if skips:
+            x = self.attention_in(torch.cat([x, *skips], dim=1))
+        return self.attention_out(self.conv2(self.conv1(x)))
+
+
+class UNetDecoder(nn.Module):
+    """UNet++ decoder: nested dense skip pathways (Zhou et al., 2018); nested=False gives a UNet.
+
+    Node X^{i,j} sits at level i (stride 2 ** (i + 1)) in column j; column 0 is the encoder.
+    X^{i,j} upsamples X^{i+1,j-1} and fuses it with all earlier nodes of its level,
+    X^{i,j-1} ... X^{i,0} (the order segmentation_models_pytorch uses, so weights map one to one).
+    Main-path nodes (i + j = 4) have decoder_channels[j - 1] channels, nested nodes keep their
+    level's encoder width. A last block takes X^{0,4} (stride 2) to full resolution with
+    decoder_channels[4] channels. Levels without an encoder feature (stride 2 of transformer-style
+    encoders) get no nested nodes and give no skip.
+    """
+
+    def __init__(self, encoder_levels, encoder_channels, decoder_channels=(256, 128, 64, 32, 16),
+                 attention=None, nested=True):
+        super().__init__()
+        depth = len(ENCODER_STRIDES) - 1
+        if len(decoder_channels) != depth + 1:
+            raise ValueError(f"decoder_channels needs {depth + 1} entries, got {decoder_channels}")
+        self.encoder_levels = list(encoder_levels)
+        level_width = dict(zip(encoder_levels, encoder_channels))
+        width = {(i, 0): c for i, c in level_width.items()}  # channels of every node X^{i,j}
+        self.positions = []  # (i, j) of each node, in a valid evaluation order
+        self.nodes = nn.ModuleDict()
+        for j in range(1, depth + 1):
+            for i in range(depth + 1 - j):
+                on_main_path = i + j == depth
+                if not on_main_path and not (nested and i in level_width):
+                    continue
+                skip_width = sum(width[(i, k)] for k in range(j) if (i, k) in width)
+                width[(i, j)] = decoder_channels[j - 1] if on_main_path else level_width[i]
+                self.nodes[f"x_{i}_{j}"] = UpFuseBlock(width[(i + 1, j - 1)], skip_width, width[(i, j)], attention)
+                self.positions.append((i, j))
+        self.to_full_resolution = UpFuseBlock(decoder_channels[depth - 1], 0, decoder_channels[depth], attention)
+        self.top_level = min(encoder_levels)
+        # Nested nodes of the finest encoder level: the deep-supervision taps.
+        self.top_row = [(i, j) for i, j in self.positions if i == self.top_level and i + j < depth]
+        self.top_row_channels = [width[p] for p in self.top_row]
+
+    def forward(self, features):
+        """features: encoder maps in encoder_levels order -> (full-resolution map, top-row nodes)."""
+        grid = {(i, 0): f for i, f in zip(self.encoder_levels, features)}
+        for (i, j), node in zip(self.positions, self.nodes.values()):
+            skips = [grid[(i, k)] for k in reversed(range(j)) if (i, k) in grid]
+            grid[(i, j)] = node(grid[(i + 1, j - 1)], skips)
+        full = self.to_full_resolution(grid[(0, len(ENCODER_STRIDES) - 1)])
+        return full, [grid[p] for p in self.top_row]
+
+
+class ImagePooling(nn.Module):
+    """ASPP's global-context branch: average pool, 1x1 conv, broadcast back.
+
+    It has no BatchNorm: after pooling there is one value per channel and image, which BatchNorm
+    cannot normalise in training at batch size 1. The conv has a bias instead.
+    """
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        pooled = self.act(self.conv(x.mean(dim=(2, 3), keepdim=True)))
+        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three dilated 3x3 branches, image pooling."""
+
+    def __init__(self, in_channels, out_channels, rates, separable=True, dropout=0.5):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [ConvBnAct(in_channels, out_channels, 1)]
+            + [ConvBnAct(in_channels, out_channels, 3, dilation=r, separable=separable) for r in rates]
+        )
+        self.image_pooling = ImagePooling(in_channels, out_channels)
+        self.project = nn.Sequential(
+            ConvBnAct(out_channels * (len(rates) + 2), out_channels, 1), nn.Dropout(dropout)
+        )
+
+    def forward(self, x):
+        return self.project(torch.cat([b(x) for b in self.branches] + [self.image_pooling(x)], dim=1))
+
+
+class DeepLabV3PlusDecoder(nn.Module):
+    """ASPP on the deepest features, upsampled to stride 4 and fused with a 48-channel projection
+    of the stride-4 features by a separable 3x3 conv (Chen et al., 2018)."""
+
+    def __init__(self, low_channels, high_channels, channels=256, rates=(6, 12, 18), aspp_separable=True,
+                 aspp_dropout=0.5, low_level_channels=48):
+        super().__init__()
+        self.aspp = nn.Sequential(
+            ASPP(high_channels, channels, rates, aspp_separable, aspp_dropout),
+            ConvBnAct(channels, channels, 3, separable=True),
+        )
+        self.low_level = ConvBnAct(low_channels, low_level_channels, 1)
+        self.fuse = ConvBnAct(channels + low_level_channels, channels, 3, separable=True)
+
+    def forward(self, low, high):
+        # align_corners=True matches the reference DeepLab implementation
+        high = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fuse(torch.cat([high, self.low_level(low)], dim=1))
+
+
+def _init_decoder(module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class SegmentationModel(nn.Module):
+    """Encoder + decoder + head. Pads the input to the encoder stride and crops the logits back."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder = encoder
+        self.num_classes = num_classes
+        self.in_channels = encoder.in_channels
+
+    def forward(self, x):
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.encoder.stride, -width % self.encoder.stride
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        out = self.segment(x)
+        if isinstance(out, list):
+            return [o[..., :height, :width] for o in out]
+        return out[..., :height, :width]
+
+    def segment(self, x):
+        """Logits for an input whose size is a multiple of the encoder stride."""
+        raise NotImplementedError
+
+
+class UNet(SegmentationModel):
+    """UNet++ (nested=True) or UNet (nested=False) with a 3x3 conv head at full resolution.
+
+    With deep_supervision=True (UNet++ only) a 1x1 head is added on each nested node of the
+    finest level (X^{0,1..3} for CNN encoders); in train mode forward then returns a list
+    [main logits, aux logits X^{0,1}, X^{0,2}, ...], all at the input size. In eval mode, and
+    always when deep_supervision=False, it returns the main logits tensor only.
+    """
+
+    def __init__(self, encoder, num_classes, decoder_channels=(256, 128, 64, 32, 16), attention=None,
+                 nested=True, deep_supervision=False):
+        super().__init__(encoder, num_classes)
+        if deep_supervision and not nested:
+            raise ValueError("deep supervision needs the nested nodes of UNet++")
+        self.decoder = UNetDecoder(encoder.levels, encoder.channels, decoder_channels, attention, nested)
+        self.head = nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1)
+        self.aux_heads = None
+        if deep_supervision:
+            self.aux_heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in self.decoder.top_row_channels)
+        _init_decoder(self.decoder)
+
+    def segment(self, x):
+        full, top_row = self.decoder(self.encoder(x))
+        logits = self.head(full)
+        if self.aux_heads is None or not self.training:
+            return logits
+        size = x.shape[-2:]
+        aux = [F.interpolate(h(f), size=size, mode="bilinear", align_corners=False)
+               for h, f in zip(self.aux_heads, top_row)]
+        return [logits, *aux]
+
+
+class DeepLabV3Plus(SegmentationModel):
+    """DeepLabV3+ with a 1x1 conv head at stride 4, upsampled bilinearly to the input size."""
+
+    def __init__(self, encoder, num_classes, channels=256, rates=None, aspp_separable=True, aspp_dropout=0.5):
+        super().__init__(encoder, num_classes)
+        if 1 not in encoder.levels:
+            raise ValueError(f"encoder {encoder.name!r} has no stride-4 feature map for the decoder")
+        self.low_index = encoder.levels.index(1)
+        if rates is None:  # (6, 12, 18) at output stride 16, doubled at 8
+            rates = tuple(r * 16 // encoder.stride for r in (6, 12, 18))
+        self.decoder = DeepLabV3PlusDecoder(
+            encoder.channels[self.low_index], encoder.channels[-1], channels, rates, aspp_separable, aspp_dropout
+        )
+        self.head = nn.Conv2d(channels, num_classes, 1)
+        _init_decoder(self.decoder)
+
+    def segment(self, x):
+        features = self.encoder(x)
+        logits = self.head(self.decoder(features[self.low_index], features[-1]))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+
+
+@register_model
+def unetpp(encoder, num_classes, in_channels=3, pretrained=False, weights=None, decoder_channels=(256, 128, 64, 32, 16),
+           attention=None, deep_supervision=False, encoder_kwargs=None):
+    """UNet++. attention: None or 'scse'. deep_supervision: see UNet. encoder_kwargs go to timm."""
+    enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
+    return UNet(enc, num_classes, decoder_channels, attention, nested=True, deep_supervision=deep_supervision)
+
+
+@register_model
+def unet(encoder, num_classes, in_channels=3, pretrained=False, weights=None, decoder_channels=(256, 128, 64, 32, 16),
+         attention=None, encoder_kwargs=None):
+    """UNet: the UNet++ decoder without nested nodes."""
+    enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
+    return UNet(enc, num_classes, decoder_channels, attention, nested=False)
+
+
+@register_model
+def deeplabv3p(encoder, num_classes, in_channels=3, pretrained=False, weights=None, output_stride=16,
+               decoder_channels=256, atrous_rates=None, aspp_separable=True, aspp_dropout=0.5, encoder_kwargs=None):
+    """DeepLabV3+. output_stride 8 or 16; atrous_rates default (6, 12, 18) * 16 / output_stride."""
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    enc = Encoder(encoder, in_channels, output_stride, pretrained, weights, **(encoder_kwargs or {}))
+    return DeepLabV3Plus(enc, num_classes, decoder_channels, atrous_rates, aspp_separable, aspp_dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+
+class _ConvBnTracer(torch.fx.Tracer):
+    """Keeps convs, BatchNorms (including subclasses with a fused activation) and the layers timm
+    marks as untraceable (dynamic "same" padding, ...) as graph leaves."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(timm.layers.get_notrace_functions()))
+
+    def is_leaf_module(self, module, qualified_name):
+        return (
+            isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+            or timm.layers.is_notrace_module(type(module))
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
+def fuse_conv_bn(module):
+    """Fold eval-mode BatchNorms into the conv that feeds them; returns how many were folded.
+
+    The pairs come from an FX trace, so a conv is only fused when the BatchNorm is the sole
+    consumer of its output. A module that cannot be traced (shape-dependent Python, list
+    inputs) is handled child by child.
+    """
+    try:
+        graph = _ConvBnTracer().trace(module)
+    except Exception:  # any tracing failure: fall back to the children
+        return sum(fuse_conv_bn(child) for child in module.children())
+    modules = dict(module.named_modules())
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = 0
+    for node in graph.nodes:
+        source = node.args[0] if node.args else None
+        if node.op != "call_module" or not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        bn, conv = modules[node.target], modules[source.target]
+        if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and bn.running_mean is not None):
+            continue
+        if len(source.users) != 1 or calls[node.target] != 1 or calls[source.target] != 1:
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        # BatchNorm subclasses with a built-in activation (timm's BatchNormAct2d) keep it
+        after = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+        parent, _, name = node.target.rpartition(".")
+        setattr(module.get_submodule(parent), name, after)
+        fused += 1
+    return fused
+
+
+@torch.no_grad()
+def prepare_for_inference(model):
+    """Eval mode, BatchNorm folded into convs, channels_last weights. Same outputs, faster on CPU.
+
+    Fused models cannot be trained any more: use this only on a copy meant for inference.
+    """
+    model.eval()
+    fuse_conv_bn(model)
+    return model.to(memory_format=torch.channels_last)

@@ -1,0 +1,296 @@
+"""Pseudo-label unlabelled images with an ensemble of checkpoints, for retraining.
+
+    python pseudo_label.py --checkpoints "runs/*-fold*" --tta --threshold 0.9 --out pseudo
+    python pseudo_label.py --image-dir photos/ --out pseudo_photos
+    python train.py --pseudo pseudo --pseudo-ratio 0.5 ...
+
+Each pixel gets the ensemble's most likely class when that class's averaged
+probability is at least --threshold, and the ignore label 255 otherwise, so
+retraining learns only from confident pixels. Writes OUT/masks/<file stem>.png
+(paletted PNGs holding the raw labels) and OUT/manifest.json, which train.py
+reads through PseudoLabelDataset; validation images of the run being trained
+are dropped there, so pseudo-labels never leak into its validation.
+"""
+import argparse
+import contextlib
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset as data
+import inference
+import utils
+
+MANIFEST = "manifest.json"
+MASK_DIR = "masks"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
+                   help="checkpoint files, run folders (their best.pt) or globs; probabilities are averaged")
+    p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--json", default="test.json",
+                        help="images to label, relative to --data-root; annotations in it are not read")
+    source.add_argument("--image-dir", default=None, help="label every jpg/png under this folder instead of a json")
+    p.add_argument("--threshold", type=float, default=0.9,
+                   help="keep a pixel when its top class probability is at least this; others become 255")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
+    p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
+    p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (1 for a folder of mixed sizes)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+    return p
+
+
+# ---------------------------------------------------------------- labels
+def pseudo_mask(probs, threshold):
+    """C x H x W class probabilities -> H x W uint8 labels, 255 where the top probability < threshold."""
+    check_threshold(threshold)
+    probs = torch.as_tensor(probs)
+    if probs.ndim != 3 or not 0 < probs.shape[0] < utils.IGNORE_INDEX:
+        raise ValueError(f"expected C x H x W probabilities with 1..{utils.IGNORE_INDEX - 1} classes, "
+                         f"got shape {tuple(probs.shape)}")
+    top, labels = probs.max(0)
+    labels[top < threshold] = utils.IGNORE_INDEX
+    return labels.to(torch.uint8).cpu().numpy()
+
+
+def check_threshold(threshold):
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], not {threshold}")
+
+
+def label_palette(num_classes):
+    """All 256 entries, so the PNG is written 8 bits deep and 255 survives; ignored pixels show white."""
+    palette = np.full((256, 3), 255, dtype=np.uint8)
+    palette[:num_classes] = utils.class_palette(num_classes)
+    return palette
+
+
+def read_label_png(path):
+    """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale)")
+        return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+
+
+def mask_name(file_name):
+    return os.path.join(MASK_DIR, os.path.splitext(file_name)[0] + ".png")
+
+
+# ---------------------------------------------------------------- unlabelled sources
+class ImageDirDataset(torch.utils.data.Dataset):
+    """Every jpg/png under a folder (recursively), as (image, file name) like a test SegmentationDataset.
+
+    `images` holds each file's decoded size, which inference.predict resizes back to.
+    """
+
+    def __init__(self, image_dir, transform, skip_dir=None):
+        self.root = os.path.abspath(image_dir)
+        self.transform = transform
+        names = sorted(list_images(self.root, skip_dir))
+        if not names:
+            raise ValueError(f"{image_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
+        self.images = [self._record(name) for name in names]
+
+    def _record(self, file_name):
+        height, width = data.read_image(os.path.join(self.root, file_name)).shape[:2]
+        return {"id": None, "file_name": file_name, "height": height, "width": width}
+
+    def image_path(self, info):
+        return os.path.join(self.root, info["file_name"])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        image = data.read_image(self.image_path(info), (info["height"], info["width"]))
+        return self.transform(image=image)["image"], info["file_name"]
+
+
+def list_images(root, skip_dir=None):
+    """Image paths relative to `root`; `skip_dir` (the output folder) is left out so masks are never inputs."""
+    skip = os.path.realpath(skip_dir) if skip_dir else None
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skip]
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.relpath(os.path.join(folder, name), root)
+
+
+def open_source(args, class_names):
+    """(dataset of unlabelled images, its image-path function, the manifest's `source` record)."""
+    transform = inference.unit_range_transform()
+    if args.image_dir:
+        dataset = ImageDirDataset(args.image_dir, transform, skip_dir=args.out)
+        return dataset, dataset.image_path, {"image_dir": dataset.root}
+    dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform)
+    dataset.coco.report_notes()
+    if dataset.class_names != class_names:
+        raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    source = {"data_root": os.path.abspath(args.data_root), "json": os.path.abspath(dataset.coco.path),
+              "json_hash": dataset.coco.content_hash}
+    return dataset, dataset.coco.image_path, source
+
+
+def check_unique_masks(images):
+    """Two images with one stem (a.jpg, a.png) would write the same mask."""
+    seen = {}
+    for info in images:
+        name = mask_name(info["file_name"])
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {info['file_name']} would both write {name}")
+        seen[name] = info["file_name"]
+
+
+# ---------------------------------------------------------------- manifest
+def read_manifest(out_dir):
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
+    with open(path) as f:
+        manifest = json.load(f)
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a pseudo-label manifest")
+    return manifest
+
+
+def drop_val_images(items, source, val_dataset):
+    """Items that are not validation images of `val_dataset`.
+
+    An item is a val image when its file resolves to a val image's file, or --
+    only when it came from the very json the val set reads (same content hash),
+    since ids of different jsons are unrelated -- when its image id is a val id.
+    """
+    val_paths = {os.path.realpath(val_dataset.coco.image_path(image)) for image in val_dataset.images}
+    same_json = source.get("json_hash") == val_dataset.coco.content_hash
+    val_ids = {image["id"] for image in val_dataset.images} if same_json else set()
+    return [item for item in items
+            if os.path.realpath(item["image"]) not in val_paths and item["image_id"] not in val_ids]
+
+
+class PseudoLabelDataset(torch.utils.data.Dataset):
+    """The images and masks of a pseudo_label.py output folder, for training.
+
+    Indexed like the training datasets: `(index, augmentation seed)`, or a
+    plain index. Returns (image tensor, long mask) with 255 kept as ignore.
+    `exclude`: the val SegmentationDataset of this run (or fold); its images
+    are dropped. Checking `class_names` against the training set is the caller's.
+    """
+
+    def __init__(self, out_dir, transform, exclude=None):
+        manifest = read_manifest(out_dir)
+        self.out_dir, self.transform = out_dir, transform
+        self.class_names = manifest["class_names"]
+        self.items = manifest["items"]
+        if exclude is not None:
+            self.items = drop_val_images(self.items, manifest["source"], exclude)
+            print(f"{out_dir}: dropped {len(manifest['items']) - len(self.items)} pseudo-labelled image(s) "
+                  f"that are validation images of this run; {len(self.items)} left")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        item = self.items[index]
+        mask_path = os.path.join(self.out_dir, item["mask"])
+        mask = read_label_png(mask_path)
+        image = data.read_image(item["image"], mask.shape)
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"]).long()
+
+
+class RatioMix(torch.utils.data.Dataset):
+    """`length` draws per epoch from `pseudo`, with replacement, fixed by the sampler's seeds.
+
+    Index i with augmentation seed s -> pseudo item s % len(pseudo), augmented
+    with seed s. The seed depends on (run seed, epoch, index) only, so each
+    epoch draws a different subset, identical on resume and for any number
+    of workers. A plain index i (no seed) -> item i % len(pseudo).
+    """
+
+    def __init__(self, pseudo, length):
+        if len(pseudo) == 0:
+            raise ValueError("no pseudo-labelled images to mix in (all were validation images?)")
+        self.pseudo, self.length = pseudo, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is None:
+            return self.pseudo[index % len(self.pseudo)]
+        return self.pseudo[(seed % len(self.pseudo), seed)]
+
+
+def mix_ratio_dataset(pseudo, n_labelled, ratio):
+    """round(ratio * n_labelled) pseudo draws per epoch (see RatioMix); None when that is 0 or ratio <= 0."""
+    length = round(ratio * n_labelled) if ratio > 0 else 0
+    return RatioMix(pseudo, length) if length > 0 else None
+
+
+# ---------------------------------------------------------------- main
+def print_summary(class_names, counts):
+    """Pixels per pseudo-label class and the share of all pixels kept."""
+    kept = counts[:len(class_names)].sum()
+    total = kept + counts[utils.IGNORE_INDEX]
+    width = max(len(name) for name in class_names)
+    print(f"{'class':<{width}}  {'pixels':>12}  share of kept")
+    for name, count in zip(class_names, counts):
+        print(f"{name:<{width}}  {count:>12}  {count / max(kept, 1):.4f}")
+    print(f"kept {kept} of {total} pixels ({kept / max(total, 1):.1%}); the rest are 255 (ignored)")
+
+
+def main(args):
+    if args.image_dir is None and args.data_root == data.DEFAULT_DATA_ROOT:
+        data.ensure_demo(args.data_root)
+    check_threshold(args.threshold)
+    transforms = inference.build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
+    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, transforms)
+    dataset, image_path, source = open_source(args, class_names)
+    check_unique_masks(dataset.images)
+    # a run stopped midway must not leave an older manifest that points at overwritten masks
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(args.out, MANIFEST))
+    # sequential order: predict() maps batch positions back to dataset.images
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    palette = label_palette(len(class_names))
+    counts = np.zeros(256, dtype=np.int64)
+    items = []
+    for index, prob in inference.predict(ensemble, loader, args.device, args.amp):
+        info = dataset.images[index]
+        mask = pseudo_mask(prob, args.threshold)
+        utils.atomic_write_png(os.path.join(args.out, mask_name(info["file_name"])), mask, palette)
+        image_counts = np.bincount(mask.ravel(), minlength=256)
+        counts += image_counts
+        items.append({"file_name": info["file_name"], "image_id": info["id"],
+                      "image": os.path.abspath(image_path(info)), "mask": mask_name(info["file_name"]),
+                      "kept": float(1 - image_counts[utils.IGNORE_INDEX] / mask.size)})
+    manifest = {"class_names": list(class_names), "threshold": args.threshold,
+                "checkpoints": [os.path.abspath(p) for p in inference.expand_checkpoints(args.checkpoints)],
+                "source": source, "items": items}
+    utils.atomic_write_json(os.path.join(args.out, MANIFEST), manifest)
+    print_summary(class_names, counts)
+    print(f"wrote {len(items)} masks and {os.path.join(args.out, MANIFEST)}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

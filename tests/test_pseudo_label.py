@@ -1,0 +1,239 @@
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import dataset as data
+import inference
+import pseudo_label as pl
+import utils
+
+IGNORE = 255
+CLASS_NAMES = ["Background", "Can", "Bottle"]
+
+
+def write_coco(root, json_name, images):
+    """A COCO json under `root` listing `images` as (id, file_name), 8 x 10 pixels, no annotations."""
+    content = {"images": [{"id": i, "file_name": f, "height": 8, "width": 10} for i, f in images],
+               "annotations": [],
+               "categories": [{"id": 1, "name": "Can"}, {"id": 2, "name": "Bottle"}]}
+    utils.atomic_write_json(os.path.join(root, json_name), content)
+
+
+def write_photos(root, names, height=8, width=10):
+    """Photos whose left half is bright and right half dark (the fake ensemble's cue)."""
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = 230
+    for name in names:
+        ok, encoded = cv2.imencode(os.path.splitext(name)[1], image)
+        utils.atomic_write_bytes(os.path.join(root, name), encoded.tobytes())
+
+
+# ---------------------------------------------------------------- threshold
+
+def test_pseudo_mask_keeps_confident_pixels_and_ignores_the_rest():
+    # pixels (C = 3): confident class 0 | unsure class 1 | exactly at threshold, class 1 | uniform
+    probs = torch.tensor([[0.875, 0.5, 0.25, 1 / 3],
+                          [0.0625, 0.375, 0.75, 1 / 3],
+                          [0.0625, 0.125, 0.0, 1 / 3]]).reshape(3, 1, 4)
+    mask = pl.pseudo_mask(probs, 0.75)
+    assert mask.dtype == np.uint8 and mask.shape == (1, 4)
+    assert mask.tolist() == [[0, IGNORE, 1, IGNORE]]  # >= threshold is kept
+    assert pl.pseudo_mask(probs, 0.0).tolist() == [[0, 0, 1, 0]]
+    assert pl.pseudo_mask(probs, 1.0).tolist() == [[IGNORE] * 4]
+    assert pl.pseudo_mask(probs.numpy(), 0.75).tolist() == mask.tolist()
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5])
+def test_pseudo_mask_rejects_threshold_outside_unit_range(threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        pl.pseudo_mask(torch.full((2, 1, 1), 0.5), threshold)
+
+
+# ---------------------------------------------------------------- leak guard
+
+@pytest.fixture
+def val_set(tmp_path):
+    """val.json with images 1, 2; other.json (different content) reuses ids 1, 2 for other files."""
+    root = str(tmp_path / "data")
+    write_coco(root, "val.json", [(1, "a/1.jpg"), (2, "a/2.jpg")])
+    write_coco(root, "other.json", [(1, "b/1.jpg"), (2, "b/2.jpg"), (3, "b/3.jpg")])
+    return data.SegmentationDataset(root, "val.json", "val", cache_dir=str(tmp_path / "cache"))
+
+
+def write_manifest(out_dir, source, items):
+    utils.atomic_write_json(os.path.join(out_dir, pl.MANIFEST), {
+        "class_names": CLASS_NAMES, "threshold": 0.9, "checkpoints": [], "source": source,
+        "items": [{"file_name": os.path.basename(image), "image_id": image_id, "image": image,
+                   "mask": f"masks/{k}.png", "kept": 1.0} for k, (image_id, image) in enumerate(items)]})
+
+
+def test_leak_guard_drops_val_images_by_resolved_path(tmp_path, val_set):
+    root = val_set.coco.root
+    os.symlink(os.path.join(root, "a"), tmp_path / "link")
+    write_manifest(tmp_path, {"image_dir": root}, [
+        (None, os.path.join(root, "a", "..", "a", "1.jpg")),  # val image 1, unnormalised path
+        (None, str(tmp_path / "link" / "2.jpg")),              # val image 2, through a symlink
+        (None, os.path.join(root, "b", "1.jpg")),
+    ])
+    pseudo = pl.PseudoLabelDataset(str(tmp_path), transform=None, exclude=val_set)
+    assert [item["image"] for item in pseudo.items] == [os.path.join(root, "b", "1.jpg")]
+
+
+def test_leak_guard_drops_val_ids_only_from_the_same_json(tmp_path, val_set):
+    root = val_set.coco.root
+    copies = [str(tmp_path / f"copy{i}.jpg") for i in range(3)]  # files elsewhere: only ids can match
+    same_json = {"data_root": root, "json": val_set.coco.path, "json_hash": val_set.coco.content_hash}
+    write_manifest(tmp_path, same_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
+    assert [i["image_id"] for i in pl.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [3]
+
+    other = data.Coco(os.path.join(root, "other.json"), root)
+    other_json = {"data_root": root, "json": other.path, "json_hash": other.content_hash}
+    write_manifest(tmp_path, other_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
+    assert [i["image_id"] for i in pl.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [1, 2, 3]
+
+
+def test_no_exclusion_keeps_every_item(tmp_path, val_set):
+    write_manifest(tmp_path, {"image_dir": val_set.coco.root}, [(None, val_set.coco.image_path(val_set.images[0]))])
+    assert len(pl.PseudoLabelDataset(str(tmp_path), None)) == 1
+
+
+# ---------------------------------------------------------------- manifest round trip
+
+class BrightIsCan(torch.nn.Module):
+    """Fake ensemble: bright pixels are 'Can' with p = 0.95, dark ones 'Bottle' with p = 0.6."""
+
+    def forward(self, images):
+        bright = (images.mean(1) > 0.5).float()
+        can = 0.95 * bright + 0.2 * (1 - bright)
+        bottle = 0.6 * (1 - bright) + 0.03 * bright
+        return torch.stack([1 - can - bottle, can, bottle], 1)
+
+
+@pytest.fixture
+def fake_ensemble(monkeypatch, tmp_path):
+    checkpoint = tmp_path / "fold0.pt"
+    checkpoint.write_bytes(b"")
+    monkeypatch.setattr(inference, "load_ensemble", lambda patterns, device, tta: (BrightIsCan(), CLASS_NAMES))
+    return str(checkpoint)
+
+
+def run(*argv):
+    return pl.main(pl.get_args_parser().parse_args([*argv, "--workers", "0", "--device", "cpu"]))
+
+
+def expected_mask(height=8, width=10):
+    mask = np.full((height, width), IGNORE, np.uint8)
+    mask[:, : width // 2] = 1  # only the confident bright half survives threshold 0.9
+    return mask
+
+
+def test_manifest_round_trip_through_the_training_dataset(tmp_path, fake_ensemble):
+    root, out = str(tmp_path / "data"), str(tmp_path / "pseudo")
+    write_photos(root, ["batch/1.png", "batch/2.png"])
+    write_coco(root, "test.json", [(7, "batch/1.png"), (8, "batch/2.png")])
+    manifest = run("--checkpoints", fake_ensemble, "--data-root", root, "--json", "test.json",
+                   "--threshold", "0.9", "--out", out)
+
+    with open(os.path.join(out, pl.MANIFEST)) as f:
+        assert json.load(f) == manifest
+    assert manifest["class_names"] == CLASS_NAMES and manifest["threshold"] == 0.9
+    assert manifest["checkpoints"] == [fake_ensemble]
+    assert manifest["source"]["json_hash"] == data.Coco(os.path.join(root, "test.json"), root).content_hash
+    assert [(i["image_id"], i["mask"], i["kept"]) for i in manifest["items"]] == [
+        (7, os.path.join("masks", "batch", "1.png"), 0.5), (8, os.path.join("masks", "batch", "2.png"), 0.5)]
+    assert manifest["items"][0]["image"] == os.path.join(root, "batch", "1.png")
+    for item in manifest["items"]:
+        np.testing.assert_array_equal(pl.read_label_png(os.path.join(out, item["mask"])), expected_mask())
+
+    pseudo = pl.PseudoLabelDataset(out, data.build_transform("none", 16))
+    assert pseudo.class_names == CLASS_NAMES and len(pseudo) == 2
+    image, mask = pseudo[(1, 123)]
+    assert image.shape == (3, 16, 16) and mask.dtype == torch.long
+    assert set(mask.unique().tolist()) == {1, IGNORE}
+    np.testing.assert_array_equal(mask.numpy(), cv2.resize(expected_mask(), (16, 16), interpolation=cv2.INTER_NEAREST))
+
+
+def test_image_dir_lists_images_recursively_and_never_its_own_output(tmp_path, fake_ensemble):
+    folder = str(tmp_path / "photos")
+    write_photos(folder, ["x.jpg", "sub/y.png"])
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    out = os.path.join(folder, "pseudo")  # output inside the input folder
+    for _ in range(2):
+        manifest = run("--checkpoints", fake_ensemble, "--image-dir", folder, "--out", out)
+        assert [(i["file_name"], i["image_id"]) for i in manifest["items"]] == [
+            (os.path.join("sub", "y.png"), None), ("x.jpg", None)]
+    assert manifest["source"] == {"image_dir": folder}
+
+
+def test_two_images_with_one_stem_are_refused(tmp_path, fake_ensemble):
+    folder = str(tmp_path / "photos")
+    write_photos(folder, ["a.jpg", "a.png"])
+    with pytest.raises(ValueError, match="would both write"):
+        run("--checkpoints", fake_ensemble, "--image-dir", folder, "--out", str(tmp_path / "out"))
+
+
+def test_missing_manifest_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run pseudo_label.py"):
+        pl.PseudoLabelDataset(str(tmp_path), None)
+
+
+# ---------------------------------------------------------------- ratio mix
+
+class Recorder(torch.utils.data.Dataset):
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, key):
+        return key
+
+
+def test_ratio_mix_length_and_disabled_ratios():
+    assert len(pl.mix_ratio_dataset(Recorder(), 10, 0.5)) == 5
+    assert len(pl.mix_ratio_dataset(Recorder(), 10, 2.0)) == 20
+    assert pl.mix_ratio_dataset(Recorder(), 10, 0.0) is None
+    assert pl.mix_ratio_dataset(Recorder(), 10, -1.0) is None
+    with pytest.raises(ValueError, match="no pseudo-labelled images"):
+        pl.mix_ratio_dataset([], 10, 0.5)
+
+
+def test_ratio_mix_draws_follow_the_sampler_seed():
+    mix = pl.mix_ratio_dataset(Recorder(), 40, 0.5)
+    assert mix[(3, 1234)] == (1234 % 7, 1234) and mix[3] == 3
+
+    def epoch_draws(epoch):
+        sampler = data.ResumableSampler(mix, seed=5)
+        sampler.set_epoch(epoch)
+        return [mix[key] for key in sampler]
+
+    assert epoch_draws(0) == epoch_draws(0)  # same run seed and epoch: same items, same augmentation
+    assert epoch_draws(0) != epoch_draws(1)
+    assert len({index for index, _ in epoch_draws(0) + epoch_draws(1)}) > 1
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_train_pseudo_label_retrain_end_to_end(tmp_path):
+    import demo
+    import train
+
+    root = demo.make_demo(str(tmp_path / "data"), size=64, n_train=6, n_val=3, n_test=3)
+    common = ["--data-root", root, "--model", "unet", "--encoder", "test_resnet", "--size", "64", "--epochs", "1",
+              "--batch-size", "3", "--workers", "0", "--device", "cpu", "--cache-dir", str(tmp_path / "cache")]
+    train.main(train.get_args_parser().parse_args(common + ["--output", str(tmp_path / "run")]))
+
+    out = str(tmp_path / "pseudo")
+    manifest = run("--checkpoints", str(tmp_path / "run"), "--data-root", root, "--threshold", "0.2", "--out", out)
+    test_images = data.Coco(os.path.join(root, "test.json"), root).images
+    assert [i["image_id"] for i in manifest["items"]] == [image["id"] for image in test_images]
+    for item in manifest["items"]:
+        mask = pl.read_label_png(os.path.join(out, item["mask"]))
+        assert mask.shape == (64, 64) and item["kept"] == pytest.approx(np.mean(mask != IGNORE))
+        assert set(np.unique(mask)) <= set(range(len(manifest["class_names"]))) | {IGNORE}
+
+    miou = train.main(train.get_args_parser().parse_args(
+        common + ["--output", str(tmp_path / "retrained"), "--pseudo", out, "--pseudo-ratio", "1"]))
+    assert np.isfinite(miou)
