@@ -509,15 +509,25 @@ def _draw_object(rng, canvas, labels, obj, light_angle, shadow_strength):
 
 
 def _photograph(rng, canvas):
-    """Uneven lighting, colour cast, lens softness and sensor noise; returns BGR uint8."""
+    """Uneven lighting, colour cast, lens softness and sensor noise; returns BGR uint8.
+
+    Works in place on `canvas` to keep the full-frame passes few.
+    """
     size = canvas.shape[0]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    ramp = np.arange(size, dtype=np.float32) / size - 0.5
     angle = rng.uniform(0, 2 * np.pi)
-    light = 1 + rng.uniform(0.2, 0.6) * (x * np.cos(angle) + y * np.sin(angle)) - rng.uniform(0, 0.6) * (x * x + y * y)
-    gain = (rng.uniform(0.85, 1.15) * rng.uniform(0.93, 1.07, 3)).astype(np.float32)
-    photo = cv2.GaussianBlur(canvas * light[..., None] * gain, (0, 0), rng.uniform(0.4, 0.8))
-    photo += rng.standard_normal(photo.shape, dtype=np.float32) * rng.uniform(0.01, 0.03)
-    return np.ascontiguousarray((np.clip(photo, 0, 1) * 255 + 0.5).astype(np.uint8)[..., ::-1])
+    slope, vignette = rng.uniform(0.2, 0.6), rng.uniform(0, 0.6)
+    light = (1 + slope * np.cos(angle) * ramp - vignette * ramp ** 2)[None, :] \
+        + (slope * np.sin(angle) * ramp - vignette * ramp ** 2)[:, None]
+    canvas *= light[..., None]
+    canvas *= (rng.uniform(0.85, 1.15) * rng.uniform(0.93, 1.07, 3)).astype(np.float32)  # exposure, white balance
+    photo = cv2.GaussianBlur(canvas, (0, 0), rng.uniform(0.4, 0.8))
+    noise = rng.standard_normal(photo.shape, dtype=np.float32)
+    noise *= rng.uniform(0.01, 0.03) * 255
+    photo *= 255
+    photo += noise + 0.5
+    np.clip(photo, 0, 255, out=photo)
+    return cv2.cvtColor(photo.astype(np.uint8), cv2.COLOR_RGB2BGR)
 
 
 def render_scene(seed, split, index, size=512):

@@ -98,7 +98,7 @@ def expand_checkpoints(patterns):
 def load_ensemble(patterns, device, tta_transforms=None):
     """(model averaging all members' probabilities, class names)."""
     paths = expand_checkpoints(patterns)
-    checkpoints = [utils.load_checkpoint(p) for p in paths]
+    checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint["class_names"] != class_names:
@@ -148,7 +148,7 @@ def predict(ensemble, loader, device, amp="off"):
 def save_outputs(args, info, image_path, mask, num_classes):
     stem = os.path.splitext(info["file_name"])[0] + ".png"
     if args.save_masks:
-        utils.atomic_write_png(os.path.join(args.save_masks, stem), mask, palette=utils.class_palette(num_classes))
+        utils.atomic_write_png(os.path.join(args.save_masks, stem), mask, palette=utils.label_palette(num_classes))
     if args.save_vis:
         rgb = data.read_image(image_path)
         panel = np.concatenate([rgb, utils.overlay(rgb, mask, num_classes)], axis=1)
@@ -161,7 +161,7 @@ def run_oof(args):
     transforms = build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
     confusion, seen = None, {}
     for path in paths:
-        run = utils.load_checkpoint(path)["args"]
+        run = utils.load_checkpoint(path, required_keys=("args",))["args"]
         if run.get("fold") is None:
             raise ValueError(f"{path} was not trained with --fold")
         key = (os.path.realpath(os.path.join(run["data_root"], run["all_json"])), run["n_folds"], run["fold_seed"])

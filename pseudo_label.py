@@ -70,13 +70,6 @@ def check_threshold(threshold):
         raise ValueError(f"threshold must be in [0, 1], not {threshold}")
 
 
-def label_palette(num_classes):
-    """All 256 entries, so the PNG is written 8 bits deep and 255 survives; ignored pixels show white."""
-    palette = np.full((256, 3), 255, dtype=np.uint8)
-    palette[:num_classes] = utils.class_palette(num_classes)
-    return palette
-
-
 def read_label_png(path):
     """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
     with Image.open(path) as image:
@@ -271,7 +264,7 @@ def main(args):
         os.remove(os.path.join(args.out, MANIFEST))
     # sequential order: predict() maps batch positions back to dataset.images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    palette = label_palette(len(class_names))
+    palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
     items = []
     for index, prob in inference.predict(ensemble, loader, args.device, args.amp):

@@ -27,6 +27,8 @@ import scheduler as schedulers
 import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
+RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
+                                  "optimizer", "scheduler", "scaler", "rng")
 
 
 def get_args_parser():
@@ -155,8 +157,11 @@ def check_same_classes(source, class_names, expected):
 
 def build_loaders(args, train_set, val_set, rank, world_size):
     sampler = data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    # the loaders draw their workers' seeds from their own generator: a draw from the global RNG,
+    # which checkpoints save and restore, would shift dropout after a mid-epoch resume
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
-                         persistent_workers=args.workers > 0, worker_init_fn=utils.seed_worker)
+                         persistent_workers=args.workers > 0, worker_init_fn=utils.seed_worker,
+                         generator=torch.Generator().manual_seed(args.seed))
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler,
                                                drop_last=len(train_set) >= args.batch_size * world_size,
                                                **loader_kwargs)
@@ -191,8 +196,15 @@ def to_device(images, masks, args):
     return images, masks.to(args.device, non_blocking=True)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteTraining(RuntimeError):
+    """The loss or the weights became NaN/inf: training cannot go on from here."""
+
+
+def check_finite_weights(model, epoch, step_in_epoch):
+    """Called before every checkpoint write, so that last.pt always holds usable weights."""
+    tensors = [t for t in unwrap(model).state_dict().values() if t.is_floating_point()]
+    if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        raise NonFiniteTraining(f"the weights hold NaN/inf at epoch {epoch}, step {step_in_epoch}")
 
 
 def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, rank, on_step):
@@ -205,7 +217,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
         with autocast(args):
             loss = criterion(model(images), masks)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+            raise NonFiniteTraining(f"loss is {loss.item()} at epoch {epoch}, step {step}")
         state["scaler"].scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
             optimizer_step(state, args)
@@ -275,11 +287,13 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
     }
 
 
-def restore(state, checkpoint, class_names, args):
+def restore(state, checkpoint, class_names, args, source="checkpoint"):
+    """Continue from `checkpoint`; another class list or model is an error naming both."""
     if checkpoint["class_names"] != list(class_names):
-        raise ValueError(f"checkpoint classes {checkpoint['class_names']} differ from the dataset's {list(class_names)}")
+        raise ValueError(f"{source} has {len(checkpoint['class_names'])} classes {checkpoint['class_names']}, "
+                         f"the dataset has {len(class_names)}: {list(class_names)}")
     if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
-        raise ValueError(f"checkpoint is {checkpoint['model']}/{checkpoint['encoder']}, "
+        raise ValueError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, "
                          f"this run is {args.model}/{models.resolve_encoder(args.encoder)}")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
@@ -338,6 +352,23 @@ def build_model(args, num_classes, local_rank, world_size):
     return torch.compile(model) if args.compile else model
 
 
+def build_state(args, model, train_set, num_classes, steps_per_epoch):
+    """What the training steps read and change: model, optimizer, schedule, gradient scaler, loss, counters."""
+    optimizer = schedulers.build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    return {
+        "model": model, "optimizer": optimizer, "global_step": 0, "best_miou": -1.0, "skipped_steps": 0,
+        "scheduler": schedulers.build_scheduler(
+            args.scheduler, optimizer, total_steps=args.epochs * steps_per_epoch,
+            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+            cycle_steps=round(args.cycle_epochs * steps_per_epoch) if args.cycle_epochs else None,
+            cycle_mult=args.cycle_mult, cycle_decay=args.cycle_decay),
+        "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
+        "criterion": losses.build_loss(args.loss, num_classes,
+                                       class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
+                                       label_smoothing=args.label_smoothing).to(args.device),
+    }
+
+
 def main(args):
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
@@ -357,23 +388,13 @@ def main(args):
     batches_per_epoch = len(train_loader)
     steps_per_epoch = math.ceil(batches_per_epoch / args.accum_steps)
     model = build_model(args, len(class_names), local_rank, world_size)
-    optimizer = schedulers.build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
-    state = {
-        "model": model, "optimizer": optimizer, "global_step": 0, "best_miou": -1.0, "skipped_steps": 0,
-        "scheduler": schedulers.build_scheduler(
-            args.scheduler, optimizer, total_steps=args.epochs * steps_per_epoch,
-            warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-            cycle_steps=round(args.cycle_epochs * steps_per_epoch) if args.cycle_epochs else None,
-            cycle_mult=args.cycle_mult, cycle_decay=args.cycle_decay),
-        "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
-        "criterion": losses.build_loss(args.loss, len(class_names),
-                                       class_weights=resolve_class_weights(args.class_weights, train_set, len(class_names)),
-                                       label_smoothing=args.label_smoothing).to(args.device),
-    }
+    state = build_state(args, model, train_set, len(class_names), steps_per_epoch)
+    optimizer = state["optimizer"]
     start_epoch, start_step = 0, 0
     if args.resume:
         path = os.path.join(args.output, "last.pt") if args.resume == "auto" else args.resume
-        start_epoch, start_step = restore(state, utils.load_checkpoint(path), class_names, args)
+        checkpoint = utils.load_checkpoint(path, required_keys=RESUME_KEYS)
+        start_epoch, start_step = restore(state, checkpoint, class_names, args, source=path)
         if rank == 0:
             print(f"resumed from {path} at epoch {start_epoch}, step {start_step}")
     writer = None
@@ -383,6 +404,7 @@ def main(args):
         writer = SummaryWriter(os.path.join(args.output, "tb"))
 
     def save(name, epoch, step_in_epoch):
+        check_finite_weights(state["model"], epoch, step_in_epoch)  # on every rank, so all of them stop
         if rank == 0:
             utils.save_checkpoint(checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch),
                                   os.path.join(args.output, name))
@@ -410,9 +432,10 @@ def main(args):
                     state["best_miou"] = scores["miou"]
                     save("best.pt", epoch + 1, 0)
             save("last.pt", epoch + 1, 0)
-    except NonFiniteLoss as err:
-        raise SystemExit(f"stopped: {err}. The last good checkpoint is {os.path.join(args.output, 'last.pt')}; "
-                         f"try a lower --lr, --clip-grad or --amp off.")
+    except NonFiniteTraining as err:
+        last = os.path.join(args.output, "last.pt")
+        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"
+        raise SystemExit(f"stopped: {err}; {kept}. Try a lower --lr, --clip-grad or --amp off.")
     finally:
         if writer is not None:
             writer.close()

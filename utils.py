@@ -5,6 +5,7 @@ This module imports nothing of the toolkit's own, so every other file may use it
 import contextlib
 import json
 import os
+import pickle
 import random
 import tempfile
 
@@ -152,26 +153,52 @@ def seed_everything(seed, deterministic=False):
 
 
 def seed_worker(worker_id):
-    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed."""
+    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed.
+
+    OpenCV also gets one thread, as torch does in workers: N workers then use N cores,
+    not N times the machine's cores fighting over them.
+    """
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
 
 
 # ---------------------------------------------------------------- checkpoints
+# what a train.py checkpoint holds to rebuild its model anywhere (inference reads nothing else)
+MODEL_KEYS = ("model", "encoder", "model_kwargs", "num_classes", "class_names", "image_size", "mean", "std",
+              "state_dict")
+
+
 def save_checkpoint(state, path):
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint of plain data only: arbitrary pickled objects are refused."""
+def load_checkpoint(path, map_location="cpu", required_keys=()):
+    """Load a checkpoint of plain data only: arbitrary pickled objects are refused.
+
+    A file without `required_keys` (a state dict some other program wrote) is an error naming them.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises several types for bad or unsafe files
-        raise ValueError(f"checkpoint {path} cannot be loaded safely: {err}") from err
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"checkpoint {path} cannot be loaded safely: {_refusal_reason(err)}; only tensors "
+                         f"and plain data are read, since unpickling anything else can run code") from None
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a torch checkpoint): {err}") from err
+    missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}: it was not written by train.py")
+    return checkpoint
+
+
+def _refusal_reason(err):
+    """What torch's weights_only unpickler refused, without its advice to load the file unsafely."""
+    _, marker, reason = str(err).partition("WeightsUnpickler error:")
+    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
 
 
 # ---------------------------------------------------------------- palette
@@ -188,11 +215,16 @@ def class_palette(num_classes):
     return np.array((_BASE_PALETTE + extra)[:num_classes], dtype=np.uint8)
 
 
+def label_palette(num_classes):
+    """All 256 entries (a paletted PNG stays 8 bits deep, so 255 survives); 255 and unused are white."""
+    palette = np.full((256, 3), 255, dtype=np.uint8)
+    palette[:num_classes] = class_palette(num_classes)
+    return palette
+
+
 def colorize(mask, num_classes):
     """Label map -> RGB image; ignored pixels (255) are white."""
-    lut = np.full((256, 3), 255, dtype=np.uint8)
-    lut[:num_classes] = class_palette(num_classes)
-    return lut[mask]
+    return label_palette(num_classes)[mask]
 
 
 def overlay(image_rgb, mask, num_classes, alpha=0.5):

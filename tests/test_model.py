@@ -165,6 +165,7 @@ def unet_key_from_reference(key):
     else:
         d, l, rest = int(match.group(1)), int(match.group(2)), match.group(3)
     node = "to_full_resolution" if l == 4 else f"nodes.x_{3 - l}_{l - d + 1}"
+    rest = rest.replace("conv1.0.", "conv1.").replace("conv1.1.", "bn1.")
     return f"decoder.{node}.{rest}"
 
 

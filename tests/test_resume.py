@@ -1,9 +1,10 @@
-"""Fault test: a run killed with SIGKILL mid-epoch and resumed ends exactly like one never interrupted.
+"""Fault tests: a run killed with SIGKILL and resumed ends exactly like one never interrupted.
 
-Runs train.py in subprocesses on a tiny demo set (about 10 s each on a CPU). The kill
-point is chosen by watching the run folder: last.pt is written atomically, so it can
-be loaded the moment it appears.
+train.py runs in subprocesses on a tiny demo set. The kill point is found by watching
+the run folder: last.pt is written atomically, so it can be loaded as soon as it appears.
 """
+import itertools
+import json
 import os
 import re
 import signal
@@ -20,45 +21,66 @@ import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, BATCHES_PER_EPOCH = 2, 4  # 8 training images in batches of 2
-KILL_AT = (1, 2)  # (epoch, step in epoch) after which the run is killed
-RUN_TIMEOUT_S = 120
+KILL_AFTER = (1, 2)  # (epoch, step in epoch) of the last.pt after which the run is killed
+RUN_TIMEOUT_S = 300
+TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
+        "--save-every-steps", "1", "--epochs", str(EPOCHS), "--device", "cpu"]
+# One thread per run: the runs share the CPU, and every run computes the same way.
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+RUN_NUMBERS = itertools.count()
+
+# train.py, except that its n-th torch.save writes half the checkpoint and the process SIGKILLs itself.
+DIE_MID_WRITE = """
+import io, os, signal, sys
+import torch
+import train
+
+N, saves, real_save = int(sys.argv.pop(1)), [], torch.save
+
+def save_half_then_die(obj, f):
+    saves.append(1)
+    if len(saves) < N:
+        return real_save(obj, f)
+    whole = io.BytesIO()
+    real_save(obj, whole)
+    f.write(whole.getvalue()[: whole.tell() // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = save_half_then_die
+train.main(train.get_args_parser().parse_args())
+"""
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=2)
-    return root
+class Run:
+    """A training subprocess whose output goes to a log file of its own beside its run folder."""
+
+    def __init__(self, output, args, program=("train.py",)):
+        self.output, self.log = output, f"{output}-{next(RUN_NUMBERS)}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, *program, *args], cwd=REPO, env=ENV,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def wait(self, expect=0):
+        """Wait for the end; the exit status must be `expect`. Returns the log."""
+        try:
+            returncode = self.proc.wait(RUN_TIMEOUT_S)
+        finally:
+            self.stop()
+        with open(self.log) as f:
+            log = f.read()
+        assert returncode == expect, f"exit status {returncode}, expected {expect}:\n{log[-3000:]}"
+        return log
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
-def train_args(data_root, output, *extra):
-    return ["--data-root", str(data_root), "--model", "unet", "--encoder", "test_resnet", "--size", "64",
-            "--batch-size", "2", "--workers", "0", "--deterministic", "--save-every-steps", "1",
-            "--epochs", str(EPOCHS), "--cache-dir", str(data_root / "cache"), "--output", str(output), *extra]
-
-
-def start_training(args, log_prefix, python_code=None):
-    """train.py (or `python_code` reading the same argv) in a subprocess; output goes to log files."""
-    program = ["-c", python_code] if python_code else [os.path.join(REPO, "train.py")]
-    out, err = open(f"{log_prefix}.out", "w"), open(f"{log_prefix}.err", "w")
-    with out, err:
-        return subprocess.Popen([sys.executable, *program, *args], cwd=REPO, stdout=out, stderr=err)
-
-
-def finish(proc, log_prefix):
-    """Wait for a run to end well; on failure show its log."""
-    try:
-        returncode = proc.wait(RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-    assert returncode == 0, f"training failed ({returncode}):\n" + read_log(log_prefix)[-3000:]
-    return read_log(log_prefix)
-
-
-def read_log(log_prefix):
-    with open(f"{log_prefix}.out") as out, open(f"{log_prefix}.err") as err:
-        return out.read() + err.read()
+def exact_args(data_root, output, *extra):
+    return [*TINY, "--deterministic", "--data-root", str(data_root), "--cache-dir", f"{output}-cache",
+            "--output", str(output), *extra]
 
 
 def position(path):
@@ -67,27 +89,28 @@ def position(path):
     return checkpoint["epoch"], checkpoint["step_in_epoch"]
 
 
-def kill_when_saved(proc, last_pt, at):
-    """SIGKILL the run once last.pt reports position `at` or later; returns the position it holds then."""
-    deadline, seen_mtime = time.monotonic() + RUN_TIMEOUT_S, None
-    while proc.poll() is None and time.monotonic() < deadline:
-        mtime = os.stat(last_pt).st_mtime_ns if os.path.exists(last_pt) else None
-        if mtime != seen_mtime and position(last_pt) >= at:
+def kill_once_saved(run, at):
+    """SIGKILL the run as soon as its last.pt reports position `at` or later; returns last.pt's position then."""
+    last_pt, seen = run.output / "last.pt", None
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while run.proc.poll() is None and time.monotonic() < deadline:
+        stamp = os.stat(last_pt).st_mtime_ns if last_pt.exists() else None
+        if stamp != seen and position(last_pt) >= at:
             break
-        seen_mtime = mtime
+        seen = stamp
         time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(RUN_TIMEOUT_S) == -signal.SIGKILL
+    assert run.proc.poll() is None, "the run ended before it could be killed"
+    run.proc.send_signal(signal.SIGKILL)
+    run.wait(expect=-signal.SIGKILL)
     return position(last_pt)
 
 
-def assert_same(a, b, where="checkpoint"):
-    """Equal nested checkpoint contents; tensors bit for bit."""
+def assert_same(a, b, where):
+    """Equal nested checkpoint contents, tensors bit for bit."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where} keys differ"
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
         for key in a:
             assert_same(a[key], b[key], f"{where}[{key!r}]")
     elif isinstance(a, (list, tuple)):
@@ -98,34 +121,109 @@ def assert_same(a, b, where="checkpoint"):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def without_run_args(checkpoint):
-    """The checkpoint less the command line, which names another output folder and --resume."""
-    return {key: value for key, value in checkpoint.items() if key != "args"}
+def assert_same_run_files(reference, output):
+    """best.pt and last.pt equal everywhere -- weights, optimizer, scheduler, RNG, best mIoU -- but the command line."""
+    for name in ("last.pt", "best.pt"):
+        ours, theirs = utils.load_checkpoint(output / name), utils.load_checkpoint(reference / name)
+        assert ours.pop("args")["output"] == str(output) and theirs.pop("args")["output"] == str(reference)
+        assert_same(ours, theirs, name)
 
 
 def last_validation(log):
-    """The last epoch's printed validation block: loss, per-class IoU and mIoU."""
+    """The last printed validation: loss, per-class IoU and mIoU."""
     blocks = re.findall(r"epoch \d+ val loss .*?\nmIoU[^\n]*", log, flags=re.S)
-    assert blocks, "no validation in the log"
+    assert blocks, f"no validation in the log:\n{log[-3000:]}"
     return blocks[-1]
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_root):
-    output = demo_root / "uninterrupted"
-    log = finish(start_training(train_args(demo_root, output), output), output)
-    return output, log
+def demo_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=2)
+    return root
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, uninterrupted):
-    reference, reference_log = uninterrupted
+@pytest.fixture(scope="module")
+def reference(demo_root):
+    """The uninterrupted run: started at once, waited for by the first test that compares with it."""
+    run = Run(demo_root / "uninterrupted", exact_args(demo_root, demo_root / "uninterrupted"))
+    yield run
+    run.stop()
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, reference):
     output = demo_root / "killed"
-    args = train_args(demo_root, output)
-    killed_at = kill_when_saved(start_training(args, output), output / "last.pt", KILL_AT)
-    assert KILL_AT <= killed_at < (KILL_AT[0], BATCHES_PER_EPOCH), f"killed at {killed_at}, not mid-epoch"
-    log = finish(start_training(args + ["--resume"], f"{output}-resumed"), f"{output}-resumed")
+    args = exact_args(demo_root, output)
+    killed_at = kill_once_saved(Run(output, args), KILL_AFTER)
+    assert KILL_AFTER <= killed_at < (KILL_AFTER[0], BATCHES_PER_EPOCH), f"killed at {killed_at}, not mid-epoch"
+    log = Run(output, args + ["--resume"]).wait()
     assert f"resumed from {output / 'last.pt'} at epoch {killed_at[0]}, step {killed_at[1]}" in log
-    for name in ("last.pt", "best.pt"):
-        assert_same(without_run_args(utils.load_checkpoint(reference / name)),
-                     without_run_args(utils.load_checkpoint(output / name)), name)
+    reference_log = reference.wait()
+    assert_same_run_files(reference.output, output)
     assert last_validation(log) == last_validation(reference_log)
+
+
+def test_sigkill_mid_write_keeps_the_previous_last_pt(demo_root, reference):
+    output = demo_root / "killed-mid-write"
+    args = exact_args(demo_root, output)
+    # saves: last.pt after steps 1, 2, 3 of epoch 0; the third is cut in half by the kill
+    Run(output, ["3", *args], program=("-c", DIE_MID_WRITE)).wait(expect=-signal.SIGKILL)
+    assert position(output / "last.pt") == (0, 2)
+    half_written = [name for name in os.listdir(output) if name.startswith(".last.pt.")]
+    assert len(half_written) == 1, os.listdir(output)
+    with pytest.raises(ValueError, match="cannot be read"):
+        utils.load_checkpoint(output / half_written[0])
+    Run(output, args + ["--resume"]).wait()  # the leftover temporary file is never read
+    reference.wait()
+    assert_same_run_files(reference.output, output)
+
+
+# ---------------------------------------------------------------- resuming something else
+def resume_in_process(data_root, output, checkpoint, *extra):
+    """train.main in this process (no --deterministic: it would stay switched on for later tests)."""
+    args = [*TINY, "--copy-paste-p", "0", "--data-root", str(data_root), "--cache-dir", f"{output}-cache",
+            "--output", str(output), "--resume", str(checkpoint), *extra]
+    return train.main(train.get_args_parser().parse_args(args))
+
+
+def test_resume_with_another_model_names_both(demo_root, reference):
+    reference.wait()
+    last_pt, output = reference.output / "last.pt", demo_root / "other-model"
+    message = f"{last_pt} is unet/test_resnet, this run is unetpp/test_resnet"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        resume_in_process(demo_root, output, last_pt, "--model", "unetpp")
+    assert not output.exists()  # refused before anything was written
+
+
+def subset_jsons(root, n_categories):
+    """train/val jsons of the demo set cut down to its first `n_categories` categories; returns their names."""
+    names = []
+    for name in ("train.json", "val.json"):
+        with open(root / name) as f:
+            coco = json.load(f)
+        coco["categories"] = coco["categories"][:n_categories]
+        kept = {category["id"] for category in coco["categories"]}
+        coco["annotations"] = [ann for ann in coco["annotations"] if ann["category_id"] in kept]
+        names.append(f"{n_categories}-classes-{name}")
+        with open(root / names[-1], "w") as f:
+            json.dump(coco, f)
+    return names
+
+
+def test_resume_with_another_class_count_names_both(demo_root, reference):
+    reference.wait()
+    last_pt, output = reference.output / "last.pt", demo_root / "other-classes"
+    train_json, val_json = subset_jsons(demo_root, 4)
+    with pytest.raises(ValueError) as err:
+        resume_in_process(demo_root, output, last_pt, "--train-json", train_json, "--val-json", val_json)
+    theirs = ["Background"] + demo.CATEGORY_NAMES
+    ours = theirs[:5]
+    assert str(err.value) == f"{last_pt} has 11 classes {theirs}, the dataset has 5: {ours}"
+    assert not output.exists()
+
+
+def test_a_state_dict_from_elsewhere_is_refused_by_name(demo_root, tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} lacks ['model', 'encoder'")):
+        resume_in_process(demo_root, tmp_path / "run", path)

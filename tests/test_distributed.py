@@ -1,0 +1,221 @@
+"""train.py under DDP: two gloo processes on CPU, and the same script single-process.
+
+The two ranks run in spawned processes and save what they saw under `out/`;
+the assertions run here, in the test process, after both have finished.
+"""
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dataset as data
+import demo
+import loss as losses
+import model as models
+import train
+import utils
+
+WORLD_SIZE = 2
+TRAIN_IMAGES, VAL_IMAGES = 8, 4
+BATCH_SIZE = 2
+EPOCHS = 3
+TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--workers", "0", "--device", "cpu",
+        "--batch-size", str(BATCH_SIZE)]
+RUN_FILES = {"args.json", "best.pt", "last.pt", "tb"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(data root, mask cache folder) of a tiny demo set shared by the tests of this file."""
+    folder = tmp_path_factory.mktemp("ddp")
+    root = demo.make_demo(str(folder / "data"), size=64, n_train=TRAIN_IMAGES, n_val=VAL_IMAGES, n_test=2)
+    return root, str(folder / "cache")
+
+
+def tiny_args(root, cache, *extra):
+    return train.get_args_parser().parse_args(TINY + ["--data-root", root, "--cache-dir", cache, *extra])
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flat_parameters(model):
+    return torch.cat([p.detach().reshape(-1) for p in train.unwrap(model).parameters()])
+
+
+def val_loader(args, train_mix, val_set, rank, world_size):
+    """The training script's val loader with one image per forward: an image's logits never depend on its batch."""
+    one_per_batch = argparse.Namespace(**{**vars(args), "batch_size": 1})
+    return train.build_loaders(one_per_batch, train_mix, val_set, rank, world_size)[1]
+
+
+# ---------------------------------------------------------------- what each rank runs
+def rank_main(rank, root, cache, out, ports):
+    torch.set_num_threads(1)  # two processes share the CPU
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(ports[0])
+    train_and_score(tiny_args(root, cache), out)
+    writes = record_writes()
+    run = os.path.join(out, "run")
+    os.environ["MASTER_PORT"] = str(ports[1])
+    train.main(tiny_args(root, cache, "--epochs", "1", "--output", run))
+    os.environ["MASTER_PORT"] = str(ports[2])
+    train.main(tiny_args(root, cache, "--epochs", "2", "--output", run, "--resume"))
+    with open(os.path.join(out, f"writes{rank}.json"), "w") as f:
+        json.dump(writes, f)
+
+
+def train_and_score(args, out):
+    """A few DDP steps with the script's own loaders and model, then its evaluate() and the metric's all-reduce."""
+    rank, world_size, local_rank = train.init_distributed(args.device)
+    mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
+    train_set, train_mix, val_set = train.build_datasets(args, mean, std)
+    num_classes = len(train_set.class_names)
+    train_loader, _ = train.build_loaders(args, train_mix, val_set, rank, world_size)
+    model = train.build_model(args, num_classes, local_rank, world_size)
+    initial = flat_parameters(model)
+    state = train.build_state(args, model, train_set, num_classes, len(train_loader))
+    indices = []
+    for epoch in range(EPOCHS):
+        train_loader.sampler.set_epoch(epoch)
+        indices.append([index for index, _ in train_loader.sampler])
+        train.train_one_epoch(state, train_loader, epoch, 0, len(train_loader), args, rank, lambda *_: None)
+    scores = train.evaluate(model, val_loader(args, train_mix, val_set, rank, world_size), state["criterion"],
+                            num_classes, args, rank)
+    targets, preds = random_predictions(num_classes)
+    confusion = utils.ConfusionMatrix(num_classes)
+    for i in range(rank, len(targets), world_size):  # this rank's disjoint share
+        confusion.update(targets[i], preds[i])
+    confusion.all_reduce()
+    torch.save({"initial": initial, "final": flat_parameters(model), "indices": indices, "steps": state["global_step"],
+                "scores": scores, "confusion": confusion.mat, "state_dict": train.unwrap(model).state_dict()},
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def random_predictions(num_classes, n=6, side=16):
+    """The same seeded (targets, predictions) on every rank; some targets are the ignore label."""
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, num_classes, (n, side, side), generator=gen)
+    targets[:, :2] = utils.IGNORE_INDEX
+    return targets, torch.randint(0, num_classes, (n, side, side), generator=gen)
+
+
+def record_writes():
+    """Paths this process writes through utils.atomic_open (checkpoints, args.json): every run file but TensorBoard's."""
+    paths = []
+    original = utils.atomic_open
+
+    def recording(path, *args, **kwargs):
+        paths.append(os.path.abspath(path))
+        return original(path, *args, **kwargs)
+
+    utils.atomic_open = recording
+    return paths
+
+
+# ---------------------------------------------------------------- the tests
+@pytest.fixture(scope="module")
+def ddp_run(tiny, tmp_path_factory):
+    """Run both ranks once; returns (data root, cache, out folder, what the ranks printed)."""
+    root, cache = tiny
+    out = str(tmp_path_factory.mktemp("ranks"))
+    log = os.path.join(out, "stdout.txt")
+    with open(log, "w") as f:  # the children print to the inherited stdout: send it to a file
+        saved = os.dup(1)
+        os.dup2(f.fileno(), 1)
+        try:
+            mp.spawn(rank_main, args=(root, cache, out, [free_port() for _ in range(3)]), nprocs=WORLD_SIZE)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    with open(log) as f:
+        return root, cache, out, f.read()
+
+
+def load_ranks(out):
+    return [torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD_SIZE)]
+
+
+def test_parameters_stay_identical_across_ranks(ddp_run):
+    ranks = load_ranks(ddp_run[2])
+    assert ranks[0]["steps"] == ranks[1]["steps"] == EPOCHS * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
+    assert not torch.equal(ranks[0]["initial"], ranks[0]["final"])  # training did move the weights
+    assert torch.equal(ranks[0]["final"], ranks[1]["final"])
+
+
+def test_sampler_deals_disjoint_shares_reshuffled_each_epoch(ddp_run):
+    ranks = load_ranks(ddp_run[2])
+    for epoch in range(EPOCHS):
+        shares = [set(r["indices"][epoch]) for r in ranks]
+        assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(TRAIN_IMAGES))
+    assert ranks[0]["indices"][0] != ranks[0]["indices"][1]
+
+
+def test_all_reduced_confusion_equals_single_process(ddp_run):
+    ranks = load_ranks(ddp_run[2])
+    num_classes = ranks[0]["confusion"].shape[0]
+    expected = utils.ConfusionMatrix(num_classes)
+    for target, pred in zip(*random_predictions(num_classes)):
+        expected.update(target, pred)
+    assert expected.mat.sum() > 0
+    for rank in ranks:
+        assert torch.equal(rank["confusion"], expected.mat)
+
+
+def test_distributed_evaluate_equals_single_process(ddp_run):
+    root, cache, out, _ = ddp_run
+    ranks = load_ranks(out)
+    args = tiny_args(root, cache)
+    mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
+    train_set, train_mix, val_set = train.build_datasets(args, mean, std)
+    num_classes = len(train_set.class_names)
+    model = models.create_model(args.model, models.resolve_encoder(args.encoder), num_classes)
+    model.load_state_dict(ranks[0]["state_dict"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks, so the predictions are bit for bit the same
+    try:
+        single = train.evaluate(model, val_loader(args, train_mix, val_set, 0, 1),
+                                losses.build_loss(args.loss, num_classes), num_classes, args)
+    finally:
+        torch.set_num_threads(threads)
+    for rank in ranks:
+        np.testing.assert_array_equal(rank["scores"]["iou"], single["iou"])
+        assert rank["scores"]["miou"] == single["miou"]
+
+
+def test_only_rank_zero_writes_and_resume_continues(ddp_run):
+    _, _, out, printed = ddp_run
+    run = os.path.join(out, "run")
+    writes = [json.load(open(os.path.join(out, f"writes{rank}.json"))) for rank in range(WORLD_SIZE)]
+    assert not [path for path in writes[1] if path.startswith(run + os.sep)]
+    assert {os.path.basename(path) for path in writes[0]} >= {"args.json", "last.pt", "best.pt"}
+    assert set(os.listdir(run)) == RUN_FILES
+    assert len(os.listdir(os.path.join(run, "tb"))) == 2  # one event file per run, both from rank 0
+    assert printed.count("done in") == 2
+    assert "at epoch 1, step 0" in printed  # the second run resumed where the first stopped
+    checkpoint = utils.load_checkpoint(os.path.join(run, "last.pt"))
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
+
+
+def test_plain_python_runs_single_process(tiny, tmp_path):
+    root, cache = tiny
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    run = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--data-root", root, "--cache-dir", cache,
+                             "--epochs", "1", "--output", run], cwd=data.HERE, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done in" in result.stdout
+    assert set(os.listdir(run)) == RUN_FILES
