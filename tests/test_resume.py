@@ -29,17 +29,18 @@ TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN_NUMBERS = itertools.count()
 
-# train.py, except that its n-th torch.save writes half the checkpoint and the process SIGKILLs itself.
-DIE_MID_WRITE = """
-import io, os, signal, sys
+KILLED_SAVE = 3  # the saves are last.pt after steps 1, 2 and 3 of epoch 0: the third is cut in half
+# train.py, except that its KILLED_SAVE-th torch.save writes half the checkpoint and the process SIGKILLs itself.
+DIE_MID_WRITE = f"""
+import io, os, signal
 import torch
 import train
 
-N, saves, real_save = int(sys.argv.pop(1)), [], torch.save
+saves, real_save = [], torch.save
 
 def save_half_then_die(obj, f):
-    saves.append(1)
-    if len(saves) < N:
+    saves.append(f.name)
+    if len(saves) < {KILLED_SAVE}:
         return real_save(obj, f)
     whole = io.BytesIO()
     real_save(obj, whole)
@@ -144,11 +145,19 @@ def demo_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_root):
-    """The uninterrupted run: started at once, waited for by the first test that compares with it."""
-    run = Run(demo_root / "uninterrupted", exact_args(demo_root, demo_root / "uninterrupted"))
-    yield run
-    run.stop()
+def early_runs(demo_root):
+    """The runs that wait for nothing start together at once, so that they share the CPU with the tests."""
+    mid_write = demo_root / "killed-mid-write"
+    runs = {"reference": Run(demo_root / "uninterrupted", exact_args(demo_root, demo_root / "uninterrupted")),
+            "mid_write": Run(mid_write, exact_args(demo_root, mid_write), program=("-c", DIE_MID_WRITE))}
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(early_runs):
+    return early_runs["reference"]
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, reference):
@@ -163,19 +172,17 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, re
     assert last_validation(log) == last_validation(reference_log)
 
 
-def test_sigkill_mid_write_keeps_the_previous_last_pt(demo_root, reference):
-    output = demo_root / "killed-mid-write"
-    args = exact_args(demo_root, output)
-    # saves: last.pt after steps 1, 2, 3 of epoch 0; the third is cut in half by the kill
-    Run(output, ["3", *args], program=("-c", DIE_MID_WRITE)).wait(expect=-signal.SIGKILL)
-    assert position(output / "last.pt") == (0, 2)
-    half_written = [name for name in os.listdir(output) if name.startswith(".last.pt.")]
-    assert len(half_written) == 1, os.listdir(output)
+def test_sigkill_mid_write_keeps_the_previous_last_pt(demo_root, early_runs):
+    run, reference = early_runs["mid_write"], early_runs["reference"]
+    run.wait(expect=-signal.SIGKILL)
+    assert position(run.output / "last.pt") == (0, KILLED_SAVE - 1)
+    half_written = [name for name in os.listdir(run.output) if name.startswith(".last.pt.")]
+    assert len(half_written) == 1, os.listdir(run.output)
     with pytest.raises(ValueError, match="cannot be read"):
-        utils.load_checkpoint(output / half_written[0])
-    Run(output, args + ["--resume"]).wait()  # the leftover temporary file is never read
+        utils.load_checkpoint(run.output / half_written[0])
+    Run(run.output, exact_args(demo_root, run.output, "--resume")).wait()  # the leftover file is never read
     reference.wait()
-    assert_same_run_files(reference.output, output)
+    assert_same_run_files(reference.output, run.output)
 
 
 # ---------------------------------------------------------------- resuming something else

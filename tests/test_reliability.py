@@ -1,0 +1,251 @@
+"""Faults and bad inputs that end in a clear message or a counted note, never a silent wrong result.
+
+Json and image faults are in test_dataset.py, checkpoint loading and CSV checks in
+test_utils.py, kills and resumes in test_resume.py; this file covers the rest.
+"""
+import argparse
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import dataset
+import demo
+import inference
+import loss as losses
+import model as models
+import train
+import utils
+
+TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
+        "--device", "cpu", "--copy-paste-p", "0"]
+ADVICE = "Try a lower --lr, --clip-grad or --amp off."
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    """8 train and 4 val images of 64x64; test.json lists no images."""
+    root = tmp_path_factory.mktemp("reliability")
+    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=0)
+    return root
+
+
+def train_args(root, output, *extra):
+    return train.get_args_parser().parse_args(
+        [*TINY, "--data-root", str(root), "--cache-dir", str(root / "cache"), "--output", str(output), *extra])
+
+
+def inference_args(*extra):
+    return inference.get_args_parser().parse_args([*extra, "--workers", "0", "--device", "cpu"])
+
+
+@pytest.fixture(scope="module")
+def run_folder(demo_root):
+    """A finished one-epoch run: best.pt and last.pt."""
+    output = demo_root / "run"
+    train.main(train_args(demo_root, output, "--epochs", "1"))
+    return output
+
+
+# ---------------------------------------------------------------- NaN / inf during training
+POISONS = {
+    "nan loss": lambda loss, logits: loss + math.nan,
+    "inf loss": lambda loss, logits: loss + math.inf,
+    # the value stays finite; d sqrt(z)/dz at z = 0 is inf, times 0 gives NaN gradients and NaN weights
+    "nan gradient": lambda loss, logits: loss + 0 * torch.sqrt(logits.sum() * 0),
+}
+
+
+class PoisonedLoss(torch.nn.Module):
+    """The real loss until call `at` (1-based), which is poisoned; records last.pt's bytes at that moment."""
+
+    def __init__(self, criterion, poison, at, last_pt):
+        super().__init__()
+        self.criterion, self.poison, self.at, self.last_pt = criterion, poison, at, last_pt
+        self.calls, self.last_pt_then = 0, None
+
+    def forward(self, logits, target):
+        self.calls += 1
+        loss = self.criterion(logits, target)
+        if self.calls != self.at:
+            return loss
+        self.last_pt_then = self.last_pt.read_bytes() if self.last_pt.exists() else None
+        return self.poison(loss, logits)
+
+
+@pytest.mark.parametrize("poison, at, reason, kept_position", [
+    ("nan loss", 3, "loss is nan at epoch 0, step 2", (0, 2)),
+    ("inf loss", 1, "loss is inf at epoch 0, step 0", None),
+    ("nan gradient", 3, "the weights hold NaN/inf at epoch 0, step 3", (0, 2)),
+])
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
+                                                                      poison, at, reason, kept_position):
+    last_pt = tmp_path / "run" / "last.pt"
+    real_build_loss, poisoned = losses.build_loss, []
+
+    def build_poisoned_loss(*args, **kwargs):
+        poisoned.append(PoisonedLoss(real_build_loss(*args, **kwargs), POISONS[poison], at, last_pt))
+        return poisoned[-1]
+
+    monkeypatch.setattr(losses, "build_loss", build_poisoned_loss)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train_args(demo_root, tmp_path / "run", "--save-every-steps", "1"))
+    if kept_position is None:
+        assert stop.value.code == f"stopped: {reason}; no checkpoint was saved yet. {ADVICE}"
+        assert not last_pt.exists()
+        return
+    assert stop.value.code == f"stopped: {reason}; the last good checkpoint is {last_pt}. {ADVICE}"
+    assert last_pt.read_bytes() == poisoned[0].last_pt_then  # not touched since the poisoned step
+    checkpoint = utils.load_checkpoint(last_pt)
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == kept_position
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+def test_fp16_overflow_steps_are_skipped_and_counted():
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    state = {"model": net, "optimizer": optimizer, "scaler": torch.amp.GradScaler("cpu", init_scale=4.0),
+             "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+             "global_step": 0, "skipped_steps": 0}
+    before = net.weight.detach().clone()
+    for scaled_grad, changed in [(math.inf, False), (1.0, True)]:
+        for p in net.parameters():
+            p.grad = torch.full_like(p, scaled_grad)
+        train.optimizer_step(state, argparse.Namespace(clip_grad=None))
+        assert (not torch.equal(net.weight, before)) == changed
+    assert state["skipped_steps"] == 1 and state["global_step"] == 2
+
+
+# ---------------------------------------------------------------- checkpoints
+CODE_RAN = []
+
+
+def _record_code_ran():
+    CODE_RAN.append(True)
+    return {}
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return _record_code_ran, ()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"model": RunsCodeWhenUnpickled()}, "cannot be loaded safely: Unsupported global"),
+    ({"conv.weight": torch.zeros(1)}, "lacks ['model', 'encoder'"),  # a bare state dict
+])
+def test_inference_refuses_a_strangers_checkpoint(tmp_path, content, message):
+    path = tmp_path / "stranger.pt"
+    torch.save(content, path)
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} {message}")):
+        inference.main(inference_args("--checkpoints", str(path), "--data-root", str(tmp_path),
+                                      "--output", str(tmp_path / "submission.csv")))
+    assert CODE_RAN == []
+
+
+def plain_data(value):
+    """True for tensors and json-like data: what weights_only loading accepts without surprises."""
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and plain_data(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(plain_data(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
+
+
+def test_checkpoints_hold_only_plain_data(run_folder):
+    for name in ("best.pt", "last.pt"):
+        checkpoint = utils.load_checkpoint(run_folder / name, required_keys=train.RESUME_KEYS)
+        assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
+        assert checkpoint["args"]["output"] == str(run_folder)
+        assert plain_data(checkpoint)
+
+
+# ---------------------------------------------------------------- empty sets
+def write_json(path, images=(), annotations=(), categories=({"id": 1, "name": "paper"},)):
+    path.write_text(json.dumps({"images": list(images), "annotations": list(annotations),
+                                "categories": list(categories)}))
+    return path
+
+
+def test_empty_train_set(demo_root, tmp_path):
+    write_json(demo_root / "empty.json")
+    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'empty.json'} lists no images")):
+        train.main(train_args(demo_root, tmp_path / "run", "--train-json", "empty.json"))
+
+
+def test_empty_test_set(demo_root, run_folder, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'test.json'} lists no images")):
+        inference.main(inference_args("--checkpoints", str(run_folder), "--data-root", str(demo_root),
+                                      "--output", str(tmp_path / "submission.csv")))
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def test_an_image_selection_with_no_images(demo_root):
+    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'val.json'}: no images selected for train")):
+        dataset.SegmentationDataset(str(demo_root), "val.json", "train", image_ids=[])
+
+
+# ---------------------------------------------------------------- inference on a labelled json
+def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(demo_root, run_folder, tmp_path, capsys):
+    n_annotations = len(json.loads((demo_root / "val.json").read_text())["annotations"])
+    csv = tmp_path / "submission.csv"
+    inference.main(inference_args("--checkpoints", str(run_folder), "--data-root", str(demo_root),
+                                  "--json", "val.json", "--output", str(csv)))
+    note = f"annotations ignored ({n_annotations}): this json is read as unlabelled: 1"
+    assert f"{demo_root / 'val.json'}: {note}" in capsys.readouterr().out
+    file_names = [image["file_name"] for image in json.loads((demo_root / "val.json").read_text())["images"]]
+    assert list(utils.read_submission(csv, 11, expected_ids=file_names)) == file_names
+
+
+# ---------------------------------------------------------------- model inputs
+@pytest.fixture(scope="module")
+def net():
+    return models.create_model("unet", "test_resnet", num_classes=4).eval()
+
+
+@pytest.mark.parametrize("shape, dtype", [
+    ((2, 1, 64, 64), torch.float32),  # fewer channels than the model takes
+    ((2, 4, 64, 64), torch.float32),  # more
+    ((3, 64, 64), torch.float32),  # no batch axis
+    ((2, 3, 64, 64), torch.uint8),  # raw pixels, not normalised floats
+])
+def test_an_input_the_model_cannot_take_names_the_expected_one(net, shape, dtype):
+    message = f"expected float images of shape N x 3 x H x W, got a {dtype} tensor of shape {shape}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        net(torch.zeros(shape, dtype=dtype))
+
+
+def test_inputs_smaller_than_the_encoder_stride_are_padded(net):
+    assert net(torch.zeros(1, 3, 2, 2)).shape == (1, 4, 2, 2)
+
+
+# ---------------------------------------------------------------- annotations outside the image
+def box(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def test_polygons_and_bboxes_outside_the_image_are_clipped_and_counted(tmp_path):
+    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [box(-8, -8, 8, 8)], "bbox": [-8, -8, 16, 16]},
+        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [box(24, 28, 40, 36)], "bbox": [24, 28, 16, 8]},
+        {"id": 3, "image_id": 1, "category_id": 1, "segmentation": [box(50, 50, 60, 60)], "bbox": [50, 50, 10, 10]},
+    ]
+    coco = dataset.Coco(write_json(tmp_path / "a.json", [image], annotations), str(tmp_path))
+    assert coco.notes == {"polygons clipped to the image border": 3}
+    expected = np.zeros((32, 32), dtype=np.uint8)
+    expected[:8, :8] = 1
+    expected[28:, 24:] = 1  # the polygon wholly outside paints nothing
+    np.testing.assert_array_equal(dataset.build_mask(coco, image), expected)
+
+
+def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
+    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
+    rle = {"size": [40, 40], "counts": [100, 20, 1480]}
+    path = write_json(tmp_path / "a.json", [image], [{"id": 7, "image_id": 1, "category_id": 1, "segmentation": rle}])
+    message = f"{path}: annotation 7 has an RLE of size [40, 40] (HxW), but image 1 is [32, 32]"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dataset.Coco(path, str(tmp_path))
