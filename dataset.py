@@ -100,9 +100,10 @@ class Coco:
                                  f"(known: {sorted(self.cat_to_label)})")
             if ann["image_id"] not in by_image:
                 raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in the json")
-            if isinstance(ann["segmentation"], dict) and list(ann["segmentation"]["size"]) != list(sizes[ann["image_id"]]):
+            rle_size = ann["segmentation"]["size"] if isinstance(ann["segmentation"], dict) else None
+            if rle_size is not None and list(rle_size) != list(sizes[ann["image_id"]]):
                 # an RLE cannot be clipped: its runs would wrap onto the wrong rows
-                raise ValueError(f"{where} has an RLE of size {list(ann['segmentation']['size'])} (HxW), "
+                raise ValueError(f"{where} has an RLE of size {list(rle_size)} (HxW), "
                                  f"but image {ann['image_id']} is {list(sizes[ann['image_id']])}")
             segmentation = _usable_segmentation(ann["segmentation"], *sizes[ann["image_id"]], self.notes)
             if segmentation is None:

@@ -33,7 +33,7 @@ COMMON_WEIGHTS = np.sqrt([REAL_ANNOTATION_COUNTS[c - 1] for c in COMMON_CLASSES]
 COMMON_WEIGHTS /= COMMON_WEIGHTS.sum()
 # Rare classes follow a fixed schedule instead of chance, so every split (val included)
 # holds several photos of each and their IoU can be measured.
-BATTERY_EVERY, CLOTHING_EVERY = 6, 5
+BATTERY_EVERY, CLOTHING_EVERY = 5, 4
 
 SPLITS = ("train", "val", "test")
 TRAINVAL_BATCHES = ("batch_01_vt", "batch_02_vt", "batch_03")
@@ -147,7 +147,7 @@ def _paper(rng):
     if cardboard:
         base = _hsv(rng.uniform(26, 36), rng.uniform(0.35, 0.5), rng.uniform(0.6, 0.75))
     else:
-        base = _hsv(rng.uniform(30, 55), rng.uniform(0.02, 0.15), rng.uniform(0.82, 0.95))
+        base = _hsv(rng.uniform(35, 55), rng.uniform(0.08, 0.2), rng.uniform(0.82, 0.95))  # warmer than foam
     line_period = rng.uniform(0.1, 0.15)
     crease = rng.normal(size=2)
 
@@ -189,8 +189,6 @@ def _paper_pack(rng):
 
 def _metal(rng):
     silver = _hsv(rng.uniform(180, 240), rng.uniform(0, 0.08), rng.uniform(0.6, 0.8))
-    paint_colour = _hsv(rng.uniform(0, 360), rng.uniform(0.5, 0.85), rng.uniform(0.45, 0.75))
-    printed = rng.random() < 0.4
     if rng.random() < 0.3:  # can seen from the top: concentric rims
         radius = rng.uniform(0.55, 0.7)
 
@@ -204,11 +202,9 @@ def _metal(rng):
     half_w = rng.uniform(0.4, 0.55)
 
     def paint(rng, u, v, scale):
-        body = printed & (np.abs(v) < 0.78)
-        tex = _mix(_solid(u.shape, silver), paint_colour, body)
         rims = (np.abs(v) > 0.88) & (np.abs(v) < 0.93)
         shade = _cylinder(u, half_w, 0.6) * np.where(rims, 0.6, 1.0)
-        return tex * shade[..., None]
+        return _solid(u.shape, silver) * shade[..., None]
 
     return Design([_rounded_rect(half_w, 1.0, 0.12)], paint, 1.0)
 
@@ -235,7 +231,7 @@ def _glass(rng):
         shade = _cylinder(u, half_w, 1.2)
         return _solid(u.shape, colour) * shade[..., None]
 
-    return Design([outline], paint, 0.85)
+    return Design([outline], paint, 0.9)
 
 
 def _plastic(rng):
@@ -283,7 +279,7 @@ def _plastic_bag(rng):
     kind = rng.choice(3, p=[0.35, 0.3, 0.35])
     colour = [_hsv(rng.uniform(0, 360), rng.uniform(0, 0.2), rng.uniform(0.08, 0.22)),
               _hsv(rng.uniform(0, 360), rng.uniform(0, 0.06), rng.uniform(0.8, 0.92)),
-              _hsv(rng.uniform(0, 360), rng.uniform(0.55, 0.9), rng.uniform(0.45, 0.8))][kind]
+              _hsv(rng.choice([355, 52, 120]) + rng.uniform(-8, 8), rng.uniform(0.6, 0.9), rng.uniform(0.5, 0.85))][kind]
     fold_angle, fold_period = rng.uniform(0, np.pi), rng.uniform(0.35, 0.6)
 
     def paint(rng, u, v, scale):
@@ -296,7 +292,10 @@ def _plastic_bag(rng):
 
 
 def _battery(rng):
-    body = _hsv(*[(0, 0, 0.12), (0, 0.85, 0.75), (220, 0.85, 0.7), (130, 0.8, 0.55), (280, 0.6, 0.6)][rng.integers(5)])
+    if rng.random() < 0.6:  # black body, copper top
+        body = _hsv(0, 0, rng.uniform(0.08, 0.15))
+    else:
+        body = _hsv(rng.choice([0, 220, 130, 280]), rng.uniform(0.7, 0.9), rng.uniform(0.55, 0.75))
     band = _hsv(rng.uniform(28, 42), rng.uniform(0.7, 0.9), rng.uniform(0.65, 0.85))
     terminal = _hsv(0, 0, 0.8)
     if rng.random() < 0.75:  # AA cell: terminal nub on top, coloured top band
@@ -328,7 +327,7 @@ def _clothing(rng):
     parts = [_jitter(rng, _subdivide(p, 2), 0.03) for p in parts]
     main = _hsv(rng.uniform(0, 360), rng.uniform(0.35, 0.85), rng.uniform(0.3, 0.8))
     second = _hsv(rng.uniform(0, 360), rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9))
-    pattern = rng.choice(["stripes", "plaid", "denim", "knit"], p=[0.35, 0.3, 0.2, 0.15])
+    pattern = rng.choice(["stripes", "plaid", "denim"], p=[0.4, 0.35, 0.25])
     if pattern == "denim":
         main = _hsv(rng.uniform(205, 225), rng.uniform(0.45, 0.7), rng.uniform(0.35, 0.6))
     period = rng.uniform(0.12, 0.22)
@@ -336,16 +335,14 @@ def _clothing(rng):
     def paint(rng, u, v, scale):
         stripes_v = (v / period) % 1 < 0.45
         stripes_u = (u / period) % 1 < 0.45
+        weave = np.sin(2 * np.pi * u * scale / 3.0) * np.sin(2 * np.pi * v * scale / 3.0)
         if pattern == "stripes":
             tex = _mix(_solid(u.shape, main), second, stripes_v)
         elif pattern == "plaid":
             tex = _mix(_solid(u.shape, main), second, 0.35 * stripes_v + 0.35 * stripes_u)
-        else:
+        else:  # plain denim with a diagonal twill
             tex = _solid(u.shape, main)
-        if pattern == "denim":  # diagonal twill
             weave = np.sin(2 * np.pi * (u + v) * scale / 4.0)
-        else:
-            weave = np.sin(2 * np.pi * u * scale / 3.0) * np.sin(2 * np.pi * v * scale / 3.0)
         folds = _noise(rng, u.shape, 0.3 * scale)
         return tex * (1 + 0.08 * weave + 0.15 * folds)[..., None]
 
@@ -356,9 +353,9 @@ DESIGNS = {GENERAL_TRASH: _general_trash, PAPER: _paper, PAPER_PACK: _paper_pack
            GLASS: _glass, PLASTIC: _plastic, STYROFOAM: _styrofoam, PLASTIC_BAG: _plastic_bag,
            BATTERY: _battery, CLOTHING: _clothing}
 # Half-length of each class as a fraction of the photo side, before the per-photo zoom.
-SCALE_RANGES = {GENERAL_TRASH: (0.1, 0.2), PAPER: (0.13, 0.26), PAPER_PACK: (0.11, 0.18), METAL: (0.1, 0.16),
-                GLASS: (0.12, 0.2), PLASTIC: (0.11, 0.19), STYROFOAM: (0.1, 0.2), PLASTIC_BAG: (0.16, 0.3),
-                BATTERY: (0.07, 0.1), CLOTHING: (0.2, 0.32)}
+SCALE_RANGES = {GENERAL_TRASH: (0.1, 0.2), PAPER: (0.13, 0.26), PAPER_PACK: (0.11, 0.18), METAL: (0.12, 0.18),
+                GLASS: (0.13, 0.2), PLASTIC: (0.11, 0.19), STYROFOAM: (0.1, 0.2), PLASTIC_BAG: (0.16, 0.3),
+                BATTERY: (0.09, 0.13), CLOTHING: (0.22, 0.34)}
 
 
 # ---------------------------------------------------------------- floors
@@ -376,7 +373,7 @@ def _wood(rng, size):
     stagger = rng.uniform(0, board_length, row.max() + 1).astype(np.float32)[row]
     grain = np.sin(2 * np.pi * y / (plank / rng.uniform(5, 9)) + 4 * _noise(rng, (size, size), size / 6))
     seam = ((y % plank) < _seam_width(size)) | (((x + stagger) % board_length) < _seam_width(size))
-    base = _hsv(rng.uniform(18, 40), rng.uniform(0.3, 0.55), rng.uniform(0.35, 0.7))
+    base = _hsv(rng.uniform(18, 40), rng.uniform(0.25, 0.45), rng.uniform(0.35, 0.65))
     shade = tint * (1 + 0.08 * grain) * np.where(seam, 0.55, 1.0)
     return _solid((size, size), base) * shade[..., None]
 
@@ -388,7 +385,7 @@ def _tiles(rng, size):
     tiles_per_side = int(size / tile) + 1
     tint = 1 + 0.05 * rng.standard_normal((tiles_per_side, tiles_per_side), dtype=np.float32)
     tint = tint[(y / tile).astype(int), (x / tile).astype(int)]
-    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.45, 0.85))
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.45, 0.75))
     shade = tint * (1 + 0.03 * _noise(rng, (size, size), size / 20)) * np.where(grout, 0.7, 1.0)
     return _solid((size, size), base) * shade[..., None]
 
@@ -420,7 +417,7 @@ def _floor(rng, size):
 
 def _scene_classes(rng, split_index):
     """Common classes drawn at tempered real frequencies, rare ones added on their schedule."""
-    classes = list(rng.choice(COMMON_CLASSES, size=rng.integers(4, 11), p=COMMON_WEIGHTS))
+    classes = list(rng.choice(COMMON_CLASSES, size=rng.integers(5, 13), p=COMMON_WEIGHTS))
     if split_index % BATTERY_EVERY == 0:
         classes.append(BATTERY)
     if split_index % CLOTHING_EVERY == 2:

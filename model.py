@@ -123,10 +123,12 @@ def _create_timm_model(name, pretrained, weights, **kwargs):
     except (OSError, RuntimeError, ValueError) as err:
         if not pretrained:
             raise
+        cfg = timm.models.get_pretrained_cfg(name)
+        source = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else "the timm hub"
         raise RuntimeError(
-            f"could not get pretrained weights for encoder {name!r} from the timm hub ({err}). "
-            f"Offline? Fetch them once elsewhere (e.g. model.safetensors of timm/{name} on the "
-            "Hugging Face hub) and pass weights=PATH (a .pth state dict or .safetensors of the timm model)."
+            f"could not get pretrained weights for encoder {name!r} ({err}). Offline? Download "
+            f"model.safetensors from {source} on a connected machine and pass weights=PATH "
+            "(a .safetensors or .pth state dict of the timm model) instead of pretrained=True."
         ) from err
 
 
@@ -150,10 +152,15 @@ class Encoder(nn.Module):
             raise ValueError(f"encoder {name!r} has no stride-32 feature map: {probe.feature_info.reduction()}")
         if output_stride != 32:
             timm_kwargs["output_stride"] = output_stride
-        self.model = _create_timm_model(
-            name, pretrained, weights, features_only=True, in_chans=in_channels,
-            out_indices=tuple(sorted(index_of_stride.values())), **timm_kwargs,
-        )
+        try:
+            self.model = _create_timm_model(
+                name, pretrained, weights, features_only=True, in_chans=in_channels,
+                out_indices=tuple(sorted(index_of_stride.values())), **timm_kwargs,
+            )
+        except TypeError as err:  # timm passes unknown keyword arguments on to the model class
+            if "output_stride" not in str(err):
+                raise
+            raise ValueError(f"encoder {name!r} cannot dilate to output_stride={output_stride}") from err
         self.name = name
         self.in_channels = in_channels
         self.levels = [ENCODER_STRIDES.index(r) for r in sorted(index_of_stride)]
@@ -301,9 +308,8 @@ class UNetDecoder(nn.Module):
                 self.nodes[f"x_{i}_{j}"] = UpFuseBlock(width[(i + 1, j - 1)], skip_width, width[(i, j)], attention)
                 self.positions.append((i, j))
         self.to_full_resolution = UpFuseBlock(decoder_channels[depth - 1], 0, decoder_channels[depth], attention)
-        self.top_level = min(encoder_levels)
         # Nested nodes of the finest encoder level: the deep-supervision taps.
-        self.top_row = [(i, j) for i, j in self.positions if i == self.top_level and i + j < depth]
+        self.top_row = [(i, j) for i, j in self.positions if i == min(encoder_levels) and i + j < depth]
         self.top_row_channels = [width[p] for p in self.top_row]
 
     def forward(self, features):
@@ -331,7 +337,8 @@ class ImagePooling(nn.Module):
 
     def forward(self, x):
         pooled = self.act(self.conv(x.mean(dim=(2, 3), keepdim=True)))
-        return pooled.expand(-1, -1, x.shape[2], x.shape[3])
+        # materialised in x's layout: concatenating a broadcast view would fall back to NCHW
+        return pooled.expand(-1, -1, x.shape[2], x.shape[3]).contiguous(memory_format=torch.channels_last)
 
 
 class ASPP(nn.Module):
@@ -385,7 +392,11 @@ def _init_decoder(module):
 
 
 class SegmentationModel(nn.Module):
-    """Encoder + decoder + head. Pads the input to the encoder stride and crops the logits back."""
+    """Encoder + decoder + head. Pads the input to the encoder stride and crops the logits back.
+
+    Activations run in channels_last memory format (oneDNN's native layout on CPU, tensor-core
+    friendly on GPU); the logits are ordinary N,C,H,W tensors with channels_last strides.
+    """
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -402,7 +413,7 @@ class SegmentationModel(nn.Module):
         pad_h, pad_w = -height % self.encoder.stride, -width % self.encoder.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        out = self.segment(x)
+        out = self.segment(x.contiguous(memory_format=torch.channels_last))
         if isinstance(out, list):
             return [o[..., :height, :width] for o in out]
         return out[..., :height, :width]

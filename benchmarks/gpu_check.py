@@ -102,15 +102,19 @@ def two_process_results(opts):
 
 # ---------------------------------------------------------------- smoke
 def ddp_smoke(device):
-    """train.py for one epoch under torchrun, 2 processes, on a tiny demo set; (passed, output)."""
+    """train.py for two epochs under torchrun, 2 processes, on a tiny demo set; (passed, output).
+
+    On CUDA it also turns on the flags that only matter there (SyncBatchNorm, AMP, channels_last).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         root = demo.make_demo(os.path.join(tmp, "data"), size=64, n_train=8, n_val=4, n_test=2)
         run = os.path.join(tmp, "run")
-        extra = ["--amp", "bf16", "--channels-last"] if device == "cuda" and supported("bf16", device) else []
+        cuda_flags = ["--sync-bn", "--channels-last", "--amp", "bf16" if supported("bf16", device) else "fp16"]
         result = subprocess.run(torchrun(2) + [
             TRAIN_SCRIPT, "--data-root", root, "--cache-dir", os.path.join(tmp, "cache"), "--output", run,
             "--model", "unet", "--encoder", "test_resnet", "--size", "64", "--epochs", "2", "--batch-size", "2",
-            "--workers", "1", "--device", device, *extra], capture_output=True, text=True)
+            "--workers", "1", "--device", device, *(cuda_flags if device == "cuda" else [])],
+            capture_output=True, text=True)
         passed = result.returncode == 0 and os.path.isfile(os.path.join(run, "last.pt"))
         return passed, result.stdout + result.stderr
 
@@ -154,6 +158,8 @@ def main(opts):
             failed = True
             print(f"2-process timing FAILED:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
     print_table(opts, single, double)
+    if not double:
+        print("one GPU: the 2-process column needs two or more")
     smoke_device = "cuda" if opts.device == "cuda" and torch.cuda.device_count() >= 2 else "cpu"
     passed, output = ddp_smoke(smoke_device)
     print(f"DDP smoke, train.py under torchrun, 2 processes ({'nccl' if smoke_device == 'cuda' else 'gloo'} "

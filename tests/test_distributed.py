@@ -55,13 +55,14 @@ def flat_parameters(model):
 
 
 def val_loader(args, train_mix, val_set, rank, world_size):
-    """The training script's val loader with one image per forward: an image's logits never depend on its batch."""
+    """The script's val loader with one image per forward, so every run computes an image's logits alike."""
     one_per_batch = argparse.Namespace(**{**vars(args), "batch_size": 1})
     return train.build_loaders(one_per_batch, train_mix, val_set, rank, world_size)[1]
 
 
 # ---------------------------------------------------------------- what each rank runs
 def rank_main(rank, root, cache, out, ports):
+    """One rank: a few steps checked by the tests below, then train.py's main() twice (a run, then its resume)."""
     torch.set_num_threads(1)  # two processes share the CPU
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(ports[0])
@@ -212,6 +213,7 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
 def test_plain_python_runs_single_process(tiny, tmp_path):
     root, cache = tiny
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"  # as the ranks above: threads fighting over a busy CPU slow the steps severalfold
     run = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "train.py", *TINY, "--data-root", root, "--cache-dir", cache,
                              "--epochs", "1", "--output", run], cwd=data.HERE, env=env,
