@@ -121,7 +121,6 @@ def print_stages(ms):
     for stage in (REST, COLLATE):
         print(f"{stage:<32}{ms[stage]:>10.2f}{ms[stage] / total:>8.0%}")
     print(f"{'total':<32}{total:>10.2f}{'':>8}  = {1000 / total:.0f} images/s per core")
-    return 1000 / total
 
 
 # ---------------------------------------------------------------- 2. the loader alone
@@ -191,23 +190,28 @@ def main(args):
     sampler = data.ResumableSampler(train_mix, seed=args.seed)
     sampler.set_epoch(0)
     keys = [key for key in sampler if key[0] < len(train_set)][:args.stage_images]
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     cv2.setNumThreads(1)
-    stage_ms_per_image(train_set, keys[:args.batch_size], args.batch_size, torch.utils.data.default_collate)  # warm-up
-    per_core = print_stages(stage_ms_per_image(train_set, keys, args.batch_size, torch.utils.data.default_collate))
-    torch.set_num_threads(threads)
+    # a first pass fills the mask cache and the OS file cache, as the first epoch of a run does
+    stage_ms_per_image(train_set, keys, args.batch_size, torch.utils.data.default_collate)
+    stages = stage_ms_per_image(train_set, keys, args.batch_size, torch.utils.data.default_collate)
+    torch.set_num_threads(threads[0])
+    cv2.setNumThreads(threads[1])
+    print_stages(stages)
 
-    rows = {f"loader, {w} worker{'s' * (w != 1)}": loader_images_per_second(args, train_mix, val_set, w,
-                                                                             args.loader_batches)
-            for w in args.loader_workers}
+    rows = {}
+    for workers in args.loader_workers:
+        rows[f"loader, {workers} worker{'s' * (workers != 1)}"] = loader_images_per_second(
+            args, train_mix, val_set, workers, args.loader_batches)
     loader, _ = train.build_loaders(args, train_mix, val_set, rank=0, world_size=1)
     loader.sampler.set_epoch(0)
     rows["train step alone"] = model_alone = train_images_per_second(
         args, itertools.repeat(next(iter(loader))), num_classes, args.train_steps)
     rows[f"end to end, {args.workers} workers"] = train_images_per_second(args, iter(loader), num_classes,
                                                                           args.train_steps)
-    print_throughput(rows, verdict(rows.get("loader, 1 worker", per_core), model_alone))
+    one_worker = rows.get("loader, 1 worker", 1000 / sum(stages.values()))
+    print_throughput(rows, verdict(one_worker, model_alone))
 
 
 if __name__ == "__main__":
