@@ -153,12 +153,7 @@ def seed_everything(seed, deterministic=False):
 
 
 def seed_worker(worker_id):
-    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed.
-
-    OpenCV also gets one thread, as torch does in workers: N workers then use N cores,
-    not N times the machine's cores fighting over them.
-    """
-    cv2.setNumThreads(1)
+    """DataLoader worker_init_fn: numpy and random follow torch's per-worker seed."""
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
