@@ -221,3 +221,13 @@ def test_plain_python_runs_single_process(tiny, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" in result.stdout
     assert set(os.listdir(run)) == RUN_FILES
+
+
+def test_sync_bn_on_cpu_is_refused_with_a_clear_error(tiny):
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        train.build_model(tiny_args(*tiny, "--sync-bn"), num_classes=3, local_rank=0, world_size=WORLD_SIZE)
+
+
+def test_fewer_val_images_than_processes_are_refused(tiny):
+    with pytest.raises(ValueError, match="cannot be shared"):
+        train.build_loaders(tiny_args(*tiny), list(range(TRAIN_IMAGES)), [0], rank=0, world_size=WORLD_SIZE)
