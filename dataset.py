@@ -271,9 +271,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is not None:
-            self.transform.set_random_seed(seed)
+        index = seeded_index(key, self.transform)
         info = self.images[index]
         image = self.read_image(self.coco.image_path(info), (info["height"], info["width"]))
         if self.mode == "test":
@@ -287,6 +285,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def label_mask(self, index):
         """The full-resolution label mask of one image (no transform)."""
         return self.masks.get(self.images[index])
+
+
+def seeded_index(key, transform):
+    """Training datasets are read with `(index, augmentation seed)` keys: seed the transform, return the index."""
+    index, seed = key if isinstance(key, tuple) else (key, None)
+    if seed is not None:
+        transform.set_random_seed(seed)
+    return index
 
 
 def pixel_counts(dataset):

@@ -27,25 +27,30 @@ import model as models
 import utils
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_ensemble_args(p):
+    """Flags shared by the scripts that predict with an ensemble (this one and pseudo_label.py)."""
     p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
                    help="checkpoint files, run folders (their best.pt) or globs; probabilities are averaged")
     p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
+    p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (1 when image sizes differ)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_ensemble_args(p)
     p.add_argument("--json", default="test.json", help="images to predict, relative to --data-root")
     p.add_argument("--output", default="submission.csv", help="submission CSV path (written atomically)")
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
-    p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
-    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
     p.add_argument("--save-masks", default=None, help="folder for paletted PNG label maps")
     p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
     return p
 
 
@@ -99,6 +104,11 @@ def load_ensemble(patterns, device, tta_transforms=None):
     """(model averaging all members' probabilities, class names)."""
     paths = expand_checkpoints(patterns)
     checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
+    return build_ensemble(paths, checkpoints, device, tta_transforms)
+
+
+def build_ensemble(paths, checkpoints, device, tta_transforms=None):
+    """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint["class_names"] != class_names:
@@ -117,12 +127,15 @@ class Ensemble(torch.nn.Module):
         return torch.stack([m(images) for m in self.members]).mean(0)
 
 
-def build_tta(hflip=True, vflip=False, scales=(1.0,)):
-    steps = [tta.HorizontalFlip()] if hflip else []
-    if vflip:
+def build_tta(args):
+    """The test-time augmentations the --tta flags ask for; None without --tta."""
+    if not args.tta:
+        return None
+    steps = [tta.HorizontalFlip()]
+    if args.tta_vflip:
         steps.append(tta.VerticalFlip())
-    if list(scales) != [1.0]:
-        steps.append(tta.Scale(scales=list(scales), interpolation="bilinear", align_corners=False))
+    if list(args.tta_scales) != [1.0]:
+        steps.append(tta.Scale(scales=list(args.tta_scales), interpolation="bilinear", align_corners=False))
     return tta.Compose(steps)
 
 
@@ -157,20 +170,20 @@ def save_outputs(args, info, image_path, mask, num_classes):
 
 def run_oof(args):
     """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
-    paths = expand_checkpoints([args.oof])
-    transforms = build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
-    confusion, seen = None, {}
-    for path in paths:
-        run = utils.load_checkpoint(path, required_keys=("args",))["args"]
+    transforms = build_tta(args)
+    confusion, split, seen = None, None, {}
+    for path in expand_checkpoints([args.oof]):
+        checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS + ("args",))
+        run = checkpoint["args"]
         if run.get("fold") is None:
             raise ValueError(f"{path} was not trained with --fold")
-        key = (os.path.realpath(os.path.join(run["data_root"], run["all_json"])), run["n_folds"], run["fold_seed"])
-        if seen and key not in {k for k, _ in seen.values()}:
-            raise ValueError(f"{path} splits {key}, other runs split {next(iter(seen.values()))[0]}")
+        run_split = (os.path.realpath(os.path.join(run["data_root"], run["all_json"])), run["n_folds"], run["fold_seed"])
+        if split is not None and run_split != split:
+            raise ValueError(f"{path} splits {run_split}, other runs split {split}")
         if run["fold"] in seen:
-            raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']][1]} and {path}")
-        seen[run["fold"]] = (key, path)
-        ensemble, class_names = load_ensemble([path], args.device, transforms)
+            raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']]} and {path}")
+        split, seen[run["fold"]] = run_split, path
+        ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms)
         coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
         _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
         dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", unit_range_transform(),
@@ -193,8 +206,7 @@ def main(args):
         return run_oof(args)
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
-    transforms = build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
-    ensemble, class_names = load_ensemble(args.checkpoints, args.device, transforms)
+    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args))
     mode = "val" if args.eval else "test"
     dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform())
     dataset.coco.report_notes()

@@ -32,23 +32,14 @@ MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
-                   help="checkpoint files, run folders (their best.pt) or globs; probabilities are averaged")
-    p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
+    inference.add_ensemble_args(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--json", default="test.json",
                         help="images to label, relative to --data-root; annotations in it are not read")
     source.add_argument("--image-dir", default=None, help="label every jpg/png under this folder instead of a json")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="keep a pixel when its top class probability is at least this; others become 255")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
-    p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
-    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
     p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (1 for a folder of mixed sizes)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
     return p
 
 
@@ -198,10 +189,7 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is not None:
-            self.transform.set_random_seed(seed)
-        item = self.items[index]
+        item = self.items[data.seeded_index(key, self.transform)]
         mask_path = os.path.join(self.out_dir, item["mask"])
         mask = read_label_png(mask_path)
         image = data.read_image(item["image"], mask.shape)
@@ -255,8 +243,7 @@ def main(args):
     if args.image_dir is None and args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
     check_threshold(args.threshold)
-    transforms = inference.build_tta(True, args.tta_vflip, args.tta_scales) if args.tta else None
-    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, transforms)
+    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, inference.build_tta(args))
     dataset, image_path, source = open_source(args, class_names)
     check_unique_masks(dataset.images)
     # a run stopped midway must not leave an older manifest that points at overwritten masks

@@ -6,7 +6,6 @@
 With no --data-root the synthetic demo dataset is used (built on first use).
 """
 import argparse
-import json
 import math
 import os
 import time
@@ -133,9 +132,8 @@ def build_datasets(args, mean, std):
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
     if args.copy_paste_p > 0:
         # the object bank comes from this run's own training images only
-        classes = args.copy_paste_classes.split(",") if args.copy_paste_classes else None
         train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
-            train, classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
+            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
     extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
                                       "train", train.transform, **common) for path in args.extra_json]
     for part in extra:
