@@ -4,6 +4,7 @@ Run as a script to build the synthetic demo dataset or to summarise a dataset:
 
     python dataset.py make-demo --root data/demo
     python dataset.py summary --root data/demo --json train_all.json
+    python dataset.py subset --root data/demo --json train.json --n 30   # train_30.json + train_30_rest.json
 """
 import argparse
 import bisect
@@ -20,7 +21,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from pycocotools import mask as mask_utils
 
-from utils import IGNORE_INDEX, atomic_open, atomic_write_png
+from utils import IGNORE_INDEX, atomic_open, atomic_write_json, atomic_write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -178,18 +179,26 @@ def build_mask(coco, image, paint_order="area"):
 
 
 class MaskCache:
-    """Masks decoded once into PNGs keyed by the json's content hash and paint order."""
+    """Masks decoded once into files keyed by the json's content hash and paint order.
 
-    def __init__(self, coco, paint_order="area", cache_dir=DEFAULT_CACHE_DIR):
+    PNG by default (a few KB each, viewable); `raw=True` stores .npy instead
+    (H*W bytes each), which reads several times faster than PNG decodes.
+    """
+
+    def __init__(self, coco, paint_order="area", cache_dir=DEFAULT_CACHE_DIR, raw=False):
         paint_sorted([], paint_order)  # rejects an unknown order now, not mid-epoch
-        self.coco, self.paint_order = coco, paint_order
+        self.coco, self.paint_order, self.raw = coco, paint_order, raw
         self.folder = os.path.join(cache_dir, f"v{CACHE_VERSION}-{coco.content_hash}-{paint_order}")
 
     def get(self, image):
-        path = os.path.join(self.folder, f"{image['id']}.png")
-        mask = cv2.imread(path, cv2.IMREAD_UNCHANGED) if os.path.isfile(path) else None
-        if mask is None:
-            mask = build_mask(self.coco, image, self.paint_order)
+        path = os.path.join(self.folder, f"{image['id']}.{'npy' if self.raw else 'png'}")
+        if os.path.isfile(path):
+            return np.load(path) if self.raw else cv2.imread(path, cv2.IMREAD_UNCHANGED)
+        mask = build_mask(self.coco, image, self.paint_order)
+        if self.raw:
+            with atomic_open(path, "wb") as f:
+                np.save(f, mask)
+        else:
             atomic_write_png(path, mask, params=MASK_PNG_PARAMS)
         return mask
 
@@ -260,7 +269,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
             self.images = [image for image in self.images if image["id"] in wanted]
         if not self.images:
             raise ValueError(f"{json_path}: no images selected for {mode}")
-        self.masks = None if mode == "test" else MaskCache(self.coco, paint_order, cache_dir)
+        self.masks = None if mode == "test" else MaskCache(self.coco, paint_order, cache_dir, raw=cache_images)
         self.read_image = DecodedImageCache(cache_dir).read if cache_images else read_image
 
     @property
@@ -432,6 +441,29 @@ def fold_image_ids(coco, fold, n_splits=5, seed=0):
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
 
 
+def write_subset(root, json_name, n, seed=0):
+    """Split a json's images into `n` drawn at random (seeded) and the rest.
+
+    Writes STEM_N.json and STEM_N_rest.json next to it, each with its images'
+    annotations (e.g. few-label experiments: train on one, pseudo-label the other).
+    """
+    path = os.path.join(root, json_name)
+    with open(path) as f:
+        coco = json.load(f)
+    image_ids = [image["id"] for image in coco["images"]]
+    if not 0 < n < len(image_ids):
+        raise ValueError(f"{path} has {len(image_ids)} images; the subset size must be 1..{len(image_ids) - 1}, not {n}")
+    chosen = set(np.random.default_rng(seed).choice(image_ids, n, replace=False).tolist())
+    stem = os.path.splitext(json_name)[0]
+    written = []
+    for suffix, inside in ((f"_{n}", True), (f"_{n}_rest", False)):
+        part = dict(coco, images=[im for im in coco["images"] if (im["id"] in chosen) == inside],
+                    annotations=[a for a in coco.get("annotations", []) if (a["image_id"] in chosen) == inside])
+        written.append(os.path.join(root, stem + suffix + ".json"))
+        atomic_write_json(written[-1], part)
+    return written
+
+
 # ---------------------------------------------------------------- demo data
 def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
     """Build the synthetic demo dataset when `root` holds none yet."""
@@ -469,6 +501,11 @@ def main():
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
     summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area")
+    subset = commands.add_parser("subset", help="split a json into N random images and the rest")
+    subset.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
+    subset.add_argument("--json", default="train.json", help="json file, relative to the root")
+    subset.add_argument("--n", type=int, required=True, help="images in the subset")
+    subset.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.command == "make-demo":
         from demo import make_demo
@@ -476,9 +513,12 @@ def main():
         make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train,
                   n_val=args.n_val, n_test=args.n_test)
         print(f"demo dataset written to {args.root}")
+        return
+    if args.root == DEFAULT_DATA_ROOT:
+        ensure_demo(args.root)
+    if args.command == "subset":
+        print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))
     else:
-        if args.root == DEFAULT_DATA_ROOT:
-            ensure_demo(args.root)
         summarise(args.root, args.json, args.paint_order)
 
 

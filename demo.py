@@ -129,7 +129,7 @@ def _mirror(half_outline):
 
 def _general_trash(rng):
     aspect = rng.uniform(0.6, 1.0)
-    colours = [_hsv(rng.uniform(0, 360), rng.uniform(0.08, 0.35), rng.uniform(0.22, 0.5)) for _ in range(3)]
+    colours = [_hsv(rng.uniform(55, 75), rng.uniform(0.35, 0.6), rng.uniform(0.3, 0.55)) for _ in range(3)]
 
     def paint(rng, u, v, scale):
         tex = _solid(u.shape, colours[0])
@@ -172,14 +172,14 @@ def _paper_pack(rng):
         outline = _mirror([(0.9 * half_w, -1.0), (0.9 * half_w, -0.86), (half_w, -0.62), (half_w, 1.0)])
     else:  # brick-shaped drink box
         outline = _rounded_rect(half_w, 0.85, 0.05)
-    white = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.06), rng.uniform(0.85, 0.95))
-    band = _hsv(rng.uniform(0, 360), rng.uniform(0.6, 0.95), rng.uniform(0.45, 0.85))
-    logo = _hsv(rng.uniform(0, 360), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9))
+    body = _hsv(rng.uniform(-12, 12), rng.uniform(0.7, 0.9), rng.uniform(0.6, 0.85))
+    band = _hsv(rng.uniform(-12, 12), rng.uniform(0.7, 0.95), rng.uniform(0.35, 0.5))
+    logo = _hsv(0, 0, rng.uniform(0.85, 0.95))
     band_top, band_height = rng.uniform(-0.4, 0.2), rng.uniform(0.3, 0.6)
     side_face = rng.uniform(-0.2, 0.3) * half_w
 
     def paint(rng, u, v, scale):
-        tex = _mix(_solid(u.shape, white), band, (v > band_top) & (v < band_top + band_height))
+        tex = _mix(_solid(u.shape, body), band, (v > band_top) & (v < band_top + band_height))
         tex = _mix(tex, logo, np.hypot(u + 0.1 * half_w, v + 0.15) < 0.22)
         shade = np.where(u > side_face, 0.8, 1.0) * np.where(v < -0.62, 0.88, 1.0)
         return tex * (shade * (1 + 0.04 * _noise(rng, u.shape, 0.3 * scale)))[..., None]
@@ -188,7 +188,7 @@ def _paper_pack(rng):
 
 
 def _metal(rng):
-    silver = _hsv(rng.uniform(180, 240), rng.uniform(0, 0.08), rng.uniform(0.6, 0.8))
+    silver = _hsv(rng.uniform(205, 218), rng.uniform(0.2, 0.3), rng.uniform(0.75, 0.9))
     if rng.random() < 0.3:  # can seen from the top: concentric rims
         radius = rng.uniform(0.55, 0.7)
 
@@ -203,7 +203,7 @@ def _metal(rng):
 
     def paint(rng, u, v, scale):
         rims = (np.abs(v) > 0.88) & (np.abs(v) < 0.93)
-        shade = _cylinder(u, half_w, 0.6) * np.where(rims, 0.6, 1.0)
+        shade = (0.5 + 0.5 * _cylinder(u, half_w, 0.6)) * np.where(rims, 0.6, 1.0)  # polished: bright to the rims
         return _solid(u.shape, silver) * shade[..., None]
 
     return Design([_rounded_rect(half_w, 1.0, 0.12)], paint, 1.0)
@@ -216,10 +216,7 @@ def _bottle(half_w, neck_w, shoulder_v, neck_v):
 
 
 def _glass(rng):
-    if rng.random() < 0.55:  # green
-        colour = _hsv(rng.uniform(95, 150), rng.uniform(0.5, 0.85), rng.uniform(0.25, 0.5))
-    else:  # amber
-        colour = _hsv(rng.uniform(22, 35), rng.uniform(0.75, 0.95), rng.uniform(0.25, 0.45))
+    colour = _hsv(rng.uniform(130, 155), rng.uniform(0.6, 0.9), rng.uniform(0.5, 0.75))
     if rng.random() < 0.75:
         half_w = rng.uniform(0.28, 0.38)
         outline = _bottle(half_w, rng.uniform(0.09, 0.12), rng.uniform(-0.25, 0.0), rng.uniform(-0.6, -0.45))
@@ -236,7 +233,7 @@ def _glass(rng):
 
 def _plastic(rng):
     cap = _hsv(rng.uniform(0, 360), rng.uniform(0.5, 0.9), rng.uniform(0.5, 0.9))
-    colour = _hsv(rng.uniform(175, 215), rng.uniform(0.15, 0.45), rng.uniform(0.75, 0.95))  # clear PET tints
+    colour = _hsv(rng.uniform(165, 180), rng.uniform(0.3, 0.5), rng.uniform(0.8, 0.95))  # clear PET tint
     half_w = rng.uniform(0.3, 0.42)
     cup = rng.random() < 0.3
     if cup:  # tapered cup, rim up
@@ -252,7 +249,7 @@ def _plastic(rng):
         shade = _cylinder(u, 1.3 * half_w, 0.8) * (1 + 0.12 * np.sin(2 * np.pi * v / ridge_period))
         return tex * shade[..., None]
 
-    return Design([outline], paint, 0.75)
+    return Design([outline], paint, 0.9)
 
 
 def _styrofoam(rng):
@@ -260,7 +257,7 @@ def _styrofoam(rng):
     outline = _subdivide(_rounded_rect(half_w, 1.0, 0.08, 2), 4)
     chips = rng.random(len(outline)) < 0.2  # broken-off bites along the edge
     outline = outline * (1 - chips * rng.uniform(0.05, 0.25, len(outline)))[:, None]
-    white = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.04), rng.uniform(0.88, 0.98))
+    white = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.03), rng.uniform(0.93, 1.0))
     tray = rng.random() < 0.5
 
     def paint(rng, u, v, scale):
@@ -276,10 +273,7 @@ def _plastic_bag(rng):
     parts = [_blob(rng, 28, 0.25, rng.uniform(0.7, 1.0))]
     if rng.random() < 0.35:  # loose handle lying apart from the bag: a second polygon
         parts.append(_arc_band((rng.uniform(-0.2, 0.2), -1.45), 0.35, 0.07, np.pi, 2 * np.pi))
-    kind = rng.choice(3, p=[0.35, 0.3, 0.35])
-    colour = [_hsv(rng.uniform(0, 360), rng.uniform(0, 0.2), rng.uniform(0.08, 0.22)),
-              _hsv(rng.uniform(0, 360), rng.uniform(0, 0.06), rng.uniform(0.8, 0.92)),
-              _hsv(rng.choice([355, 52, 120]) + rng.uniform(-8, 8), rng.uniform(0.6, 0.9), rng.uniform(0.5, 0.85))][kind]
+    colour = _hsv(rng.uniform(275, 320), rng.uniform(0.5, 0.8), rng.uniform(0.4, 0.75))
     fold_angle, fold_period = rng.uniform(0, np.pi), rng.uniform(0.35, 0.6)
 
     def paint(rng, u, v, scale):
@@ -288,15 +282,12 @@ def _plastic_bag(rng):
         gloss = 0.45 * np.maximum(folds, 0) ** 6
         return _solid(u.shape, colour) * (1 + 0.22 * folds)[..., None] + gloss[..., None]
 
-    return Design(parts, paint, 0.85 if kind == 1 else 1.0)
+    return Design(parts, paint, 1.0)
 
 
 def _battery(rng):
-    if rng.random() < 0.6:  # black body, copper top
-        body = _hsv(0, 0, rng.uniform(0.08, 0.15))
-    else:
-        body = _hsv(rng.choice([0, 220, 130, 280]), rng.uniform(0.7, 0.9), rng.uniform(0.55, 0.75))
-    band = _hsv(rng.uniform(28, 42), rng.uniform(0.7, 0.9), rng.uniform(0.65, 0.85))
+    body = _hsv(0, 0, rng.uniform(0.06, 0.14))
+    band = _hsv(rng.uniform(40, 50), rng.uniform(0.75, 0.9), rng.uniform(0.75, 0.9))
     terminal = _hsv(0, 0, 0.8)
     if rng.random() < 0.75:  # AA cell: terminal nub on top, coloured top band
         half_w = rng.uniform(0.36, 0.42)
@@ -325,11 +316,12 @@ def _clothing(rng):
         sock = np.array([(-0.2, -1.0), (0.2, -1.0), (0.2, 0.5), (0.55, 0.6), (0.55, 0.95), (-0.2, 0.95)])
         parts = [sock + [-0.45, 0], sock * [-1, 1] + [0.45, rng.uniform(-0.2, 0.2)]]
     parts = [_jitter(rng, _subdivide(p, 2), 0.03) for p in parts]
-    main = _hsv(rng.uniform(0, 360), rng.uniform(0.35, 0.85), rng.uniform(0.3, 0.8))
-    second = _hsv(rng.uniform(0, 360), rng.uniform(0.2, 0.8), rng.uniform(0.3, 0.9))
+    hue = rng.uniform(220, 255)
+    main = _hsv(hue, rng.uniform(0.5, 0.8), rng.uniform(0.35, 0.65))
+    second = _hsv(hue + rng.uniform(-15, 15), rng.uniform(0.3, 0.6), rng.uniform(0.7, 0.9))
     pattern = rng.choice(["stripes", "plaid", "denim"], p=[0.4, 0.35, 0.25])
     if pattern == "denim":
-        main = _hsv(rng.uniform(205, 225), rng.uniform(0.45, 0.7), rng.uniform(0.35, 0.6))
+        main = _hsv(hue, rng.uniform(0.45, 0.7), rng.uniform(0.35, 0.6))
     period = rng.uniform(0.12, 0.22)
 
     def paint(rng, u, v, scale):
@@ -373,7 +365,7 @@ def _wood(rng, size):
     stagger = rng.uniform(0, board_length, row.max() + 1).astype(np.float32)[row]
     grain = np.sin(2 * np.pi * y / (plank / rng.uniform(5, 9)) + 4 * _noise(rng, (size, size), size / 6))
     seam = ((y % plank) < _seam_width(size)) | (((x + stagger) % board_length) < _seam_width(size))
-    base = _hsv(rng.uniform(18, 40), rng.uniform(0.25, 0.45), rng.uniform(0.35, 0.65))
+    base = _hsv(rng.uniform(20, 40), rng.uniform(0.1, 0.25), rng.uniform(0.3, 0.5))
     shade = tint * (1 + 0.08 * grain) * np.where(seam, 0.55, 1.0)
     return _solid((size, size), base) * shade[..., None]
 
@@ -385,20 +377,20 @@ def _tiles(rng, size):
     tiles_per_side = int(size / tile) + 1
     tint = 1 + 0.05 * rng.standard_normal((tiles_per_side, tiles_per_side), dtype=np.float32)
     tint = tint[(y / tile).astype(int), (x / tile).astype(int)]
-    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.25), rng.uniform(0.45, 0.75))
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.12), rng.uniform(0.35, 0.55))
     shade = tint * (1 + 0.03 * _noise(rng, (size, size), size / 20)) * np.where(grout, 0.7, 1.0)
     return _solid((size, size), base) * shade[..., None]
 
 
 def _concrete(rng, size):
-    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.1), rng.uniform(0.4, 0.7))
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0, 0.08), rng.uniform(0.35, 0.55))
     texture = sum(amp * _noise(rng, (size, size), size / cells) for amp, cells in [(0.08, 4), (0.06, 24), (0.05, 128)])
     speckle = np.where(_noise(rng, (size, size), 1.5) > 2.0, 0.75, 1.0)
     return _solid((size, size), base) * ((1 + texture) * speckle)[..., None]
 
 
 def _carpet(rng, size):
-    base = _hsv(rng.uniform(0, 360), rng.uniform(0.2, 0.5), rng.uniform(0.25, 0.55))
+    base = _hsv(rng.uniform(0, 360), rng.uniform(0.05, 0.2), rng.uniform(0.25, 0.45))
     pile = rng.standard_normal((size, size, 3), dtype=np.float32) * 0.12
     return _solid((size, size), base) * (1 + pile + 0.06 * _noise(rng, (size, size), size / 8)[..., None])
 
@@ -417,7 +409,7 @@ def _floor(rng, size):
 
 def _scene_classes(rng, split_index):
     """Common classes drawn at tempered real frequencies, rare ones added on their schedule."""
-    classes = list(rng.choice(COMMON_CLASSES, size=rng.integers(5, 13), p=COMMON_WEIGHTS))
+    classes = list(rng.choice(COMMON_CLASSES, size=rng.integers(4, 10), p=COMMON_WEIGHTS))
     if split_index % BATTERY_EVERY == 0:
         classes.append(BATTERY)
     if split_index % CLOTHING_EVERY == 2:
@@ -513,7 +505,7 @@ def _photograph(rng, canvas):
     size = canvas.shape[0]
     ramp = np.arange(size, dtype=np.float32) / size - 0.5
     angle = rng.uniform(0, 2 * np.pi)
-    slope, vignette = rng.uniform(0.2, 0.6), rng.uniform(0, 0.6)
+    slope, vignette = rng.uniform(0.1, 0.35), rng.uniform(0, 0.3)
     light = (1 + slope * np.cos(angle) * ramp - vignette * ramp ** 2)[None, :] \
         + (slope * np.sin(angle) * ramp - vignette * ramp ** 2)[:, None]
     canvas *= light[..., None]

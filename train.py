@@ -6,6 +6,7 @@
 With no --data-root the synthetic demo dataset is used (built on first use).
 """
 import argparse
+import json
 import math
 import os
 import time
@@ -48,7 +49,7 @@ def get_args_parser():
                    help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
     g.add_argument("--cache-images", action="store_true",
-                   help="also cache decoded pixels (H*W*3 bytes per image on disk) so epochs skip JPEG decoding")
+                   help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
     g.add_argument("--size", type=int, default=512, help="training and validation image side in pixels")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=float, default=0.5,
@@ -305,6 +306,23 @@ def restore(state, checkpoint, class_names, args, source="checkpoint"):
 
 
 # ---------------------------------------------------------------- logging
+def score_record(scores, class_names, epoch):
+    """One validation as plain JSON values (absent classes as null)."""
+    def plain(value):
+        return None if np.isnan(value) else round(float(value), 6)
+    return {"epoch": epoch, "loss": plain(scores["loss"]), "miou": plain(scores["miou"]),
+            "iou": {name: plain(value) for name, value in zip(class_names, scores["iou"])},
+            "pixel_acc": plain(scores["acc"]), "class_acc": plain(scores["acc_cls"]), "fwiou": plain(scores["fwiou"])}
+
+
+def earlier_history(path, start_epoch):
+    """Validation records of a resumed run from before its resume point."""
+    if start_epoch == 0 or not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [record for record in json.load(f) if record["epoch"] < start_epoch]
+
+
 def log_validation(writer, scores, class_names, epoch, panels, args, mean, std):
     print(f"\nepoch {epoch} val loss {scores['loss']:.4f}\n" + utils.format_iou_table(class_names, scores))
     if writer is None:
@@ -400,6 +418,8 @@ def main(args):
         os.makedirs(args.output, exist_ok=True)
         utils.atomic_write_json(os.path.join(args.output, "args.json"), vars(args))
         writer = SummaryWriter(os.path.join(args.output, "tb"))
+    history_path = os.path.join(args.output, "metrics.json")
+    history = earlier_history(history_path, start_epoch) if rank == 0 else []
 
     def save(name, epoch, step_in_epoch):
         check_finite_weights(state["model"], epoch, step_in_epoch)  # on every rank, so all of them stop
@@ -426,6 +446,8 @@ def main(args):
                 scores = evaluate(state["model"], val_loader, state["criterion"], len(class_names), args, rank, panels)
                 if rank == 0:
                     log_validation(writer, scores, class_names, epoch, panels, args, mean, std)
+                    history.append(score_record(scores, class_names, epoch))
+                    utils.atomic_write_json(history_path, history)
                 if scores["miou"] > state["best_miou"]:
                     state["best_miou"] = scores["miou"]
                     save("best.pt", epoch + 1, 0)

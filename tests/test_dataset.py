@@ -348,6 +348,22 @@ def test_paint_order_uses_its_own_cache_folder(tmp_path):
         MaskCache(coco, "json", str(tmp_path / "cache"))
 
 
+def test_cache_images_gives_the_same_items_and_redecodes_a_changed_file(tmp_path):
+    json_path = overlapping_coco(tmp_path)
+    plain = open_dataset(tmp_path, json_path, mode="train")
+    cached = open_dataset(tmp_path, json_path, mode="train", cache_images=True)
+    for _ in range(2):  # first read fills the cache, second reads it
+        for index in range(len(plain)):
+            for got, want in zip(cached[index], plain[index]):
+                assert torch.equal(got, want)
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("decoded/*.npy"))) == 2 and len(list(cache.glob("v*-area/*.npy"))) == 2
+    path = os.path.join(str(tmp_path), plain.images[0]["file_name"])
+    cv2.imwrite(path, np.full((H, W, 3), 200, np.uint8))
+    os.utime(path, ns=(1, 1))  # a new modification time makes a new key even within one clock tick
+    assert torch.equal(cached[0][0], plain[0][0])
+
+
 # ---------------------------------------------------------------- dataset outputs
 def two_class_dataset(tmp_path, mode, transform, height=H, width=W):
     anns = [annotation(1, 1, 1, [rect(0, 0, 12, 12)], height=height, width=width),
@@ -487,3 +503,21 @@ def test_trashbags_load_with_no_special_code(tmp_path):
                                 cache_dir=str(tmp_path / "cache"))
     image, mask = train[(0, 0)]
     assert image.shape == (3, 256, 256) and mask.shape == (256, 256)
+
+
+def test_subset_splits_images_with_their_annotations(tmp_path):
+    images = [image_entry(i) for i in range(1, 7)]
+    anns = [annotation(10 + i, i, 1 + i % 2, [rect(2, 2, 10, 10)]) for i in range(1, 7)]
+    write_coco(str(tmp_path), anns, images=images)
+    first = dataset.write_subset(str(tmp_path), "train.json", 2, seed=5)
+    assert [os.path.basename(p) for p in first] == ["train_2.json", "train_2_rest.json"]
+    chosen, rest = (json.load(open(p)) for p in first)
+    chosen_ids, rest_ids = ({im["id"] for im in part["images"]} for part in (chosen, rest))
+    assert len(chosen_ids) == 2 and chosen_ids | rest_ids == set(range(1, 7)) and not chosen_ids & rest_ids
+    for part, ids in ((chosen, chosen_ids), (rest, rest_ids)):
+        assert sorted(a["image_id"] for a in part["annotations"]) == sorted(ids)
+        assert part["categories"] == CATEGORIES
+    again = dataset.write_subset(str(tmp_path), "train.json", 2, seed=5)
+    assert {im["id"] for im in json.load(open(again[0]))["images"]} == chosen_ids
+    with pytest.raises(ValueError, match="subset size must be 1..5, not 6"):
+        dataset.write_subset(str(tmp_path), "train.json", 6)

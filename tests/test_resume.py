@@ -170,6 +170,10 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, re
     reference_log = reference.wait()
     assert_same_run_files(reference.output, output)
     assert last_validation(log) == last_validation(reference_log)
+    history = json.loads((output / "metrics.json").read_text())
+    assert [record["epoch"] for record in history] == list(range(EPOCHS))  # the one before the kill is kept
+    assert history == json.loads((reference.output / "metrics.json").read_text())
+    assert f"{history[-1]['miou']:.4f}" in last_validation(log)
 
 
 def test_sigkill_mid_write_keeps_the_previous_last_pt(demo_root, early_runs):
