@@ -429,12 +429,12 @@ def _centre(rng, placed, size):
 
 
 def _to_image(parts, centre, scale, angle, size):
-    """Local polygons -> integer image coordinates, clipped to the photo; drops degenerate parts."""
+    """Local polygons -> integer image coordinates, clipped to the photo; drops parts left with no area."""
     rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
     polygons = []
     for part in parts:
         points = np.clip(np.rint(part @ rotation.T + centre), 0, size).astype(int)
-        if len(np.unique(points, axis=0)) >= 3:
+        if cv2.contourArea(points.astype(np.float32)) > 0:  # clipping can flatten a part onto the border
             polygons.append(points.ravel().tolist())
     return polygons
 

@@ -27,8 +27,17 @@ import scheduler as schedulers
 import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
+# Arguments a resumed run may change without leaving the path of the uninterrupted run.
+RESUME_FREE_ARGS = ("resume", "output", "workers", "val_every", "save_every_steps", "cache_dir")
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
-                                  "optimizer", "scheduler", "scaler", "rng")
+                                  "optimizer", "scheduler", "scaler", "rng", "args")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def get_args_parser():
@@ -40,7 +49,7 @@ def get_args_parser():
     g.add_argument("--val-json", default="val.json", help="validation json, relative to --data-root")
     g.add_argument("--fold", type=int, default=None,
                    help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
-    g.add_argument("--n-folds", type=int, default=5, help="number of folds for --fold")
+    g.add_argument("--n-folds", type=positive_int, default=5, help="number of folds for --fold")
     g.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (kept apart from --seed)")
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
@@ -50,13 +59,13 @@ def get_args_parser():
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
     g.add_argument("--cache-images", action="store_true",
                    help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
-    g.add_argument("--size", type=int, default=512, help="training and validation image side in pixels")
+    g.add_argument("--size", type=positive_int, default=512, help="training and validation image side in pixels")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=float, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
-    g.add_argument("--copy-paste-max", type=int, default=3, help="most objects pasted into one image")
+    g.add_argument("--copy-paste-max", type=positive_int, default=3, help="most objects pasted into one image")
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
     g.add_argument("--pseudo-ratio", type=float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
@@ -82,9 +91,9 @@ def get_args_parser():
                    help="cosine restart period in epochs (default: one cycle over the whole run)")
     g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
     g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=8, help="images per step and process")
-    g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--epochs", type=positive_int, default=30)
+    g.add_argument("--batch-size", type=positive_int, default=8, help="images per step and process")
+    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     g = p.add_argument_group("speed")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +106,7 @@ def get_args_parser():
     g.add_argument("--output", default=None, help="run folder (default: runs/MODEL-ENCODER[-foldK])")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: the run folder's last.pt)")
-    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
@@ -215,13 +224,21 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
         images, masks = to_device(images, masks, args)
         with autocast(args):
             loss = criterion(model(images), masks)
-        if not torch.isfinite(loss):
-            raise NonFiniteTraining(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+        if not finite_everywhere(loss):
+            raise NonFiniteTraining(f"loss is {loss.item()} here or on another process at epoch {epoch}, step {step}")
         state["scaler"].scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
             optimizer_step(state, args)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         on_step(epoch, step + 1, loss.item())
+
+
+def finite_everywhere(loss):
+    """Whether the loss is finite on every process; all of them must stop together, or the others would hang."""
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
 
 
 def optimizer_step(state, args):
@@ -303,6 +320,12 @@ def restore(state, checkpoint, class_names, args, source="checkpoint"):
     if torch.cuda.is_available() and checkpoint["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
     return checkpoint["epoch"], checkpoint["step_in_epoch"]
+
+
+def changed_args(saved, args):
+    """'name: saved -> now' for each argument that differs from the checkpoint's run and changes its course."""
+    return [f"{name}: {saved[name]!r} -> {value!r}" for name, value in vars(args).items()
+            if name in saved and name not in RESUME_FREE_ARGS and saved[name] != value]
 
 
 # ---------------------------------------------------------------- logging
@@ -413,6 +436,10 @@ def main(args):
         start_epoch, start_step = restore(state, checkpoint, class_names, args, source=path)
         if rank == 0:
             print(f"resumed from {path} at epoch {start_epoch}, step {start_step}")
+            changes = changed_args(checkpoint["args"], args)
+            if changes:
+                print("warning: these arguments differ from the interrupted run's, so the resumed run will not "
+                      "match an uninterrupted one: " + "; ".join(changes))
     writer = None
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)

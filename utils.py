@@ -17,6 +17,9 @@ import torch.distributed as dist
 IGNORE_INDEX = 255
 SUBMISSION_SIZE = 256
 SUBMISSION_HEADER = "image_id,PredictionString"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NEW_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; mkstemp alone would give 0600
 
 
 # ---------------------------------------------------------------- atomic files
@@ -35,6 +38,7 @@ def atomic_open(path, mode="wb", validate=None):
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), NEW_FILE_MODE)
             os.fsync(f.fileno())
         if validate is not None:
             validate(tmp)

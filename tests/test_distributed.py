@@ -29,7 +29,7 @@ BATCH_SIZE = 2
 EPOCHS = 3
 TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--workers", "0", "--device", "cpu",
         "--batch-size", str(BATCH_SIZE)]
-RUN_FILES = {"args.json", "best.pt", "last.pt", "tb"}
+RUN_FILES = {"args.json", "best.pt", "last.pt", "metrics.json", "tb"}
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,13 @@ def rank_main(rank, root, cache, out, ports):
     train.main(tiny_args(root, cache, "--epochs", "1", "--output", run))
     os.environ["MASTER_PORT"] = str(ports[2])
     train.main(tiny_args(root, cache, "--epochs", "2", "--output", run, "--resume"))
-    with open(os.path.join(out, f"writes{rank}.json"), "w") as f:
-        json.dump(writes, f)
+    os.environ["MASTER_PORT"] = str(ports[3])
+    dist.init_process_group("gloo")
+    nan_on_rank_0 = train.finite_everywhere(torch.tensor(float("nan") if rank == 0 else 1.0))
+    all_finite = train.finite_everywhere(torch.tensor(1.0))
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"writes": writes, "finite": [nan_on_rank_0, all_finite]}, f)
 
 
 def train_and_score(args, out):
@@ -137,12 +142,17 @@ def ddp_run(tiny, tmp_path_factory):
         saved = os.dup(1)
         os.dup2(f.fileno(), 1)
         try:
-            mp.spawn(rank_main, args=(root, cache, out, [free_port() for _ in range(3)]), nprocs=WORLD_SIZE)
+            mp.spawn(rank_main, args=(root, cache, out, [free_port() for _ in range(4)]), nprocs=WORLD_SIZE)
         finally:
             os.dup2(saved, 1)
             os.close(saved)
     with open(log) as f:
         return root, cache, out, f.read()
+
+
+def load_rank_json(out, rank):
+    with open(os.path.join(out, f"rank{rank}.json")) as f:
+        return json.load(f)
 
 
 def load_ranks(out):
@@ -199,7 +209,7 @@ def test_distributed_evaluate_equals_single_process(ddp_run):
 def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     _, _, out, printed = ddp_run
     run = os.path.join(out, "run")
-    writes = [json.load(open(os.path.join(out, f"writes{rank}.json"))) for rank in range(WORLD_SIZE)]
+    writes = [load_rank_json(out, rank)["writes"] for rank in range(WORLD_SIZE)]
     assert not [path for path in writes[1] if path.startswith(run + os.sep)]
     assert {os.path.basename(path) for path in writes[0]} >= {"args.json", "last.pt", "best.pt"}
     assert set(os.listdir(run)) == RUN_FILES
@@ -208,6 +218,12 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     assert "at epoch 1, step 0" in printed  # the second run resumed where the first stopped
     checkpoint = utils.load_checkpoint(os.path.join(run, "last.pt"))
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(ddp_run):
+    out = ddp_run[2]
+    # [NaN on rank 0 only, finite everywhere], as each rank saw it
+    assert [load_rank_json(out, rank)["finite"] for rank in range(WORLD_SIZE)] == [[False, True]] * WORLD_SIZE
 
 
 def test_plain_python_runs_single_process(tiny, tmp_path):

@@ -248,3 +248,10 @@ def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
     message = f"{path}: annotation 7 has an RLE of size [40, 40] (HxW), but image 1 is [32, 32]"
     with pytest.raises(ValueError, match=re.escape(message)):
         dataset.Coco(path, str(tmp_path))
+
+
+@pytest.mark.parametrize("flag", ["--size", "--epochs", "--batch-size", "--accum-steps", "--val-every"])
+def test_sizes_and_counts_below_one_are_refused_by_name(flag, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args_parser().parse_args([flag, "0"])
+    assert f"argument {flag}: must be a positive integer, got 0" in capsys.readouterr().err

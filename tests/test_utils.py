@@ -1,6 +1,7 @@
 import math
 import os
 import re
+import stat
 
 import albumentations as A
 import numpy as np
@@ -201,6 +202,15 @@ def test_atomic_open_replaces_on_success(tmp_path):
         f.write("new")
     assert path.read_text() == "new"
     assert os.listdir(tmp_path) == ["state.txt"]
+
+
+def test_atomic_files_get_the_permissions_open_gives(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    with atomic_open(atomic, "w") as f:
+        f.write("x")
+    assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
 
 
 # ---------------------------------------------------------------- checkpoints
