@@ -225,7 +225,8 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
         with autocast(args):
             loss = criterion(model(images), masks)
         if not finite_everywhere(loss):
-            raise NonFiniteTraining(f"loss is {loss.item()} here or on another process at epoch {epoch}, step {step}")
+            where = " (here or on another process)" if dist.is_initialized() else ""
+            raise NonFiniteTraining(f"loss is {loss.item()}{where} at epoch {epoch}, step {step}")
         state["scaler"].scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
             optimizer_step(state, args)
