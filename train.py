@@ -83,7 +83,8 @@ def get_args_parser():
                    help="'auto' (from training pixel frequencies) or comma-separated weights, one per class")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=2e-3,
+                   help="peak learning rate (the default suits random init; lower it, e.g. 5e-4, with pretrained weights)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length in epochs")
