@@ -21,7 +21,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from pycocotools import mask as mask_utils
 
-from utils import IGNORE_INDEX, atomic_open, atomic_write_json, atomic_write_png
+from utils import IGNORE_INDEX, atomic_write_json, atomic_write_npy, atomic_write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -196,8 +196,7 @@ class MaskCache:
             return np.load(path) if self.raw else cv2.imread(path, cv2.IMREAD_UNCHANGED)
         mask = build_mask(self.coco, image, self.paint_order)
         if self.raw:
-            with atomic_open(path, "wb") as f:
-                np.save(f, mask)
+            atomic_write_npy(path, mask)
         else:
             atomic_write_png(path, mask, params=MASK_PNG_PARAMS)
         return mask
@@ -232,16 +231,16 @@ class DecodedImageCache:
         self.folder = os.path.join(cache_dir, "decoded")
 
     def read(self, path, expected_hw=None):
-        stat = os.stat(path) if os.path.isfile(path) else None
-        if stat is None:
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
             return read_image(path, expected_hw)  # raises the missing-file error
         key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
         cached = os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
         if os.path.isfile(cached):
             return np.load(cached)
         image = read_image(path, expected_hw)
-        with atomic_open(cached, "wb") as f:
-            np.save(f, image)
+        atomic_write_npy(cached, image)
         return image
 
 

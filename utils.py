@@ -59,6 +59,11 @@ def atomic_write_json(path, obj):
         json.dump(obj, f, indent=1)
 
 
+def atomic_write_npy(path, array):
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
+
+
 def atomic_write_png(path, array, palette=None, params=()):
     """Write a uint8 image or label map as PNG; with `palette`, as a paletted PNG.
 
