@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import sys
 import tempfile
 
 import cv2
@@ -20,6 +21,28 @@ SUBMISSION_HEADER = "image_id,PredictionString"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 NEW_FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file; mkstemp alone would give 0600
+
+
+# ---------------------------------------------------------------- user errors
+class UserError(ValueError):
+    """A problem with the user's input or setup, explained by its message: printed without a traceback.
+
+    The message names the file (and id) at fault, what is wrong and what to do next.
+    """
+
+
+def run_main(main, parser, argv=None):
+    """A script's entry point: parse the arguments and run main(args).
+
+    A UserError ends the script with its one-line message and exit status 2
+    (argparse's status for bad arguments); any other exception keeps its traceback.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------- atomic files
