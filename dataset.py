@@ -9,8 +9,10 @@ Run as a script to build the synthetic demo dataset or to summarise a dataset:
 import argparse
 import bisect
 import collections
+import functools
 import hashlib
 import itertools
+import glob
 import json
 import os
 
@@ -19,9 +21,11 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
+from torch.utils.data import default_collate
 
-from utils import IGNORE_INDEX, atomic_write_json, atomic_write_npy, atomic_write_png
+from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -203,21 +207,111 @@ class MaskCache:
 
 
 # ---------------------------------------------------------------- images
-def read_image(path, expected_hw=None):
-    """RGB uint8 image; a missing, corrupt, truncated or mis-sized file is an error naming it."""
+# One reader for every script. Pillow rather than cv2.imdecode: it recognises a file by its bytes
+# (a PNG named .jpg is read as the PNG it is), reads the size from the header before decoding (so
+# the pixel limit costs nothing and guards against decompression bombs), stops a JPEG at its end
+# marker (phones append data after it) while refusing a cut one, and lets EXIF orientation and
+# each mode (16-bit, palette or alpha transparency, CMYK) be converted explicitly, alike everywhere.
+MAX_IMAGE_PIXELS = 50_000_000  # about four 12-megapixel phone photos; scripts raise it with --max-image-pixels
+Image.MAX_IMAGE_PIXELS = None  # read_image's own limit replaces Pillow's global one, so a flag can raise it
+READER_VERSION = 2  # part of DecodedImageCache's keys: bump when the decoded pixels of a file change
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+ORIENTATION_TAG = 0x0112
+ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# formats people save photos in that Pillow cannot read: (offset, magic bytes, name)
+UNREADABLE_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"),
+                      (4, b"ftypavif", "AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "ZIP"))
+WHITE = (255, 255, 255, 255)
+
+
+def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
+    """The Pillow image of a file (header read, pixels not yet decoded); a UserError naming the file
+    when it is missing, empty, not an image Pillow reads, or over `max_pixels`."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
-    data = np.fromfile(path, dtype=np.uint8)
-    # coded JPEG data never holds the end marker FF D9, so none near the end means the file was cut
-    if path.lower().endswith((".jpg", ".jpeg")) and b"\xff\xd9" not in data[-4096:].tobytes():
-        raise ValueError(f"image file {path} is truncated (no JPEG end marker)")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"image file {path} cannot be decoded (corrupt or not an image)")
-    if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
-        raise ValueError(f"image file {path} is {image.shape[1]}x{image.shape[0]} (WxH) but the json "
-                         f"says {expected_hw[1]}x{expected_hw[0]}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if os.path.getsize(path) == 0:
+        raise UserError(f"image file {path} is empty (0 bytes): copy it again or remove it")
+    try:
+        image = Image.open(path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"image file {path} {_unreadable_reason(path, err)}") from None
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        image.close()
+        raise UserError(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                        f"limit of {max_pixels / 1e6:g} (a guard against decompression bombs); if the photo is "
+                        f"genuine, raise the limit with --max-image-pixels")
+    return image
+
+
+def _unreadable_reason(path, err):
+    with open(path, "rb") as f:
+        head = f.read(16)
+    for offset, magic, name in UNREADABLE_FORMATS:
+        if head[offset:offset + len(magic)] == magic:
+            return f"is a {name} file, which this toolkit does not read: convert it to JPEG or PNG"
+    return f"is not an image this toolkit can read ({err}); convert it to JPEG or PNG, or remove it"
+
+
+def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
+    """RGB uint8 H x W x 3 pixels as a person sees the photo: EXIF orientation applied, any mode converted.
+
+    Problems are errors naming the file: missing, empty, not an image, over `max_pixels`, truncated
+    or corrupt, or another size than `expected_hw` (the json's), saying whether EXIF rotation explains it.
+    """
+    with open_image(path, max_pixels) as image:
+        stored_size = image.size
+        try:
+            orientation = image.getexif().get(ORIENTATION_TAG, 1)
+            image.load()  # decodes; a cut file fails here
+            ImageOps.exif_transpose(image, in_place=True)
+            rgb = to_rgb(image)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
+    if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
+        raise UserError(size_mismatch_message(path, rgb.shape[:2], expected_hw, stored_size, orientation))
+    return rgb
+
+
+def to_rgb(image):
+    """A decoded Pillow image in any mode -> H x W x 3 uint8.
+
+    Transparency is laid over white, 16-bit levels are scaled to 8 bits (not clipped), palettes and
+    CMYK go through Pillow's conversion, greyscale is repeated in the three channels.
+    """
+    if image.mode.startswith("I"):  # 16-bit greyscale PNG ("I;16") or 32-bit integer levels
+        grey = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 65535) / 257).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if image.has_transparency_data:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.array(image)  # a writable copy, as the transforms and torch.from_numpy want
+
+
+def size_mismatch_message(path, shown_hw, expected_hw, stored_size, orientation):
+    """Why an image's size differs from its json entry, and what to do."""
+    shown = f"{shown_hw[1]}x{shown_hw[0]}"
+    expected = f"{expected_hw[1]}x{expected_hw[0]}"
+    if orientation in ROTATING_ORIENTATIONS and tuple(stored_size) == (expected_hw[1], expected_hw[0]):
+        return (f"image file {path} is {shown} (WxH) as displayed, after its EXIF orientation {orientation} "
+                f"(a quarter turn), but the json says {expected}, the size of the stored pixels before that "
+                f"rotation: if the annotations were drawn on the unrotated pixels, strip the orientation tag "
+                f"(e.g. exiftool -Orientation= FILE); if they were drawn on the photo as displayed, fix the json's "
+                f"width and height")
+    rotation = f"its EXIF orientation {orientation} does not explain it" if orientation != 1 else "it has no EXIF rotation"
+    return (f"image file {path} is {shown} (WxH) but the json says {expected} ({rotation}): "
+            f"fix the json's width and height, or use the file the json was made for")
+
+
+def image_size(path, max_pixels=MAX_IMAGE_PIXELS):
+    """(height, width) as displayed (EXIF orientation applied), from the header alone: no decoding."""
+    with open_image(path, max_pixels) as image:
+        width, height = image.size
+        if image.getexif().get(ORIENTATION_TAG, 1) in ROTATING_ORIENTATIONS:
+            width, height = height, width
+    return height, width
 
 
 class DecodedImageCache:
@@ -227,19 +321,20 @@ class DecodedImageCache:
     file's path, size and modification time, so a changed file is decoded again.
     """
 
-    def __init__(self, cache_dir=DEFAULT_CACHE_DIR):
+    def __init__(self, cache_dir=DEFAULT_CACHE_DIR, max_pixels=MAX_IMAGE_PIXELS):
         self.folder = os.path.join(cache_dir, "decoded")
+        self.max_pixels = max_pixels
 
     def read(self, path, expected_hw=None):
         try:
             stat = os.stat(path)
         except FileNotFoundError:
             return read_image(path, expected_hw)  # raises the missing-file error
-        key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{READER_VERSION}"
         cached = os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
         if os.path.isfile(cached):
             return np.load(cached)
-        image = read_image(path, expected_hw)
+        image = read_image(path, expected_hw, self.max_pixels)
         atomic_write_npy(cached, image)
         return image
 
@@ -255,7 +350,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, json_path, mode="train", transform=None, paint_order="area",
-                 image_ids=None, cache_dir=DEFAULT_CACHE_DIR, cache_images=False):
+                 image_ids=None, cache_dir=DEFAULT_CACHE_DIR, cache_images=False, max_pixels=MAX_IMAGE_PIXELS):
         if mode not in ("train", "val", "test"):
             raise ValueError(f"mode must be train, val or test, not {mode!r}")
         json_path = os.path.join(root, json_path) if not os.path.isabs(json_path) else json_path
@@ -269,7 +364,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if not self.images:
             raise ValueError(f"{json_path}: no images selected for {mode}")
         self.masks = None if mode == "test" else MaskCache(self.coco, paint_order, cache_dir, raw=cache_images)
-        self.read_image = DecodedImageCache(cache_dir).read if cache_images else read_image
+        self.read_image = (DecodedImageCache(cache_dir, max_pixels).read if cache_images
+                           else functools.partial(read_image, max_pixels=max_pixels))
 
     @property
     def class_names(self):
@@ -293,6 +389,102 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def label_mask(self, index):
         """The full-resolution label mask of one image (no transform)."""
         return self.masks.get(self.images[index])
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Photos without labels: image files, folders (searched recursively) and globs, as (image, file name).
+
+    `file_name` is the path relative to the folder given (a file's own name when given alone), so
+    outputs keep a folder's layout. Files that cannot be read are skipped and counted, never fatal:
+    those found unreadable from their header now (`skipped`), those that fail to decode later
+    in __getitem__, which then returns the UserError in place of the image (predict passes it on).
+    """
+
+    def __init__(self, paths, transform, skip_dir=None, max_pixels=MAX_IMAGE_PIXELS):
+        self.transform, self.max_pixels = transform, max_pixels
+        self.images, self.skipped = [], []
+        for path, file_name in find_images(paths, skip_dir):
+            try:
+                image_size(path, max_pixels)
+            except UserError as err:
+                self.skipped.append(str(err))
+                continue
+            self.images.append({"id": None, "file_name": file_name, "path": path})
+        for reason in self.skipped:
+            print(f"skipped: {reason}")
+        if not self.images:
+            raise UserError(f"no readable {'/'.join(IMAGE_EXTENSIONS)} image in {' '.join(map(str, paths))}")
+        check_unique_stems(info["file_name"] for info in self.images)
+
+    @staticmethod
+    def image_path(info):
+        return info["path"]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        info = self.images[index]
+        try:
+            image = read_image(info["path"], max_pixels=self.max_pixels)
+        except UserError as err:
+            return err, info["file_name"]
+        return self.transform(image=image)["image"], info["file_name"]
+
+
+def find_images(paths, skip_dir=None):
+    """(absolute path, file name) of the images that files, folders (recursively) and globs name, sorted.
+
+    A file is taken whatever its extension (its bytes decide); in folders, files with an image
+    extension. `skip_dir` (an output folder) is left out, so outputs never become inputs.
+    """
+    skip = os.path.realpath(skip_dir) if skip_dir else None
+    found = {}
+    for pattern in paths:
+        pattern = os.fspath(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise UserError(f"{pattern} matches no file or folder")
+        for match in matches:
+            if os.path.isfile(match):
+                found.setdefault(os.path.abspath(match), os.path.basename(match))
+                continue
+            for folder, subfolders, files in os.walk(match):
+                subfolders[:] = sorted(d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skip)
+                for name in sorted(files):
+                    if name.lower().endswith(IMAGE_EXTENSIONS):
+                        path = os.path.join(folder, name)
+                        found.setdefault(os.path.abspath(path), os.path.relpath(path, match))
+    return sorted(found.items(), key=lambda item: item[1])
+
+
+def output_name(file_name, suffix=".png"):
+    """The output file of an input image: its file name with the extension replaced."""
+    return os.path.splitext(file_name)[0] + suffix
+
+
+def check_unique_stems(file_names):
+    """Two images with one stem (a.jpg, a.png) would write the same output file."""
+    seen = {}
+    for file_name in file_names:
+        name = output_name(file_name)
+        if name in seen:
+            raise UserError(f"{seen[name]} and {file_name} would both write {name}: rename one of them")
+        seen[name] = file_name
+
+
+# ---------------------------------------------------------------- batching
+def collate_mixed(batch):
+    """Batches of images that may differ in size: each field is stacked as default_collate does when
+    its tensors share one shape (same-size data is batched as before), and kept as a list of
+    per-image tensors otherwise (and for a skipped file's UserError)."""
+    return tuple(default_collate(list(field)) if _stackable(field) else list(field) for field in zip(*batch))
+
+
+def _stackable(field):
+    if not all(torch.is_tensor(x) for x in field):
+        return all(isinstance(x, str) for x in field)  # file names: default_collate lists them
+    return len({x.shape for x in field}) == 1
 
 
 def seeded_index(key, transform):
@@ -486,6 +678,17 @@ def summarise(root, json_name, paint_order="area"):
         print(f"{name:<16}{anns.get(cat_id, 0) if label else '-':>12}{pixels[label] / pixels.sum():>13.4f}")
 
 
+def parse_sizes(text):
+    """'512x512,640x480' -> [(512, 512), (640, 480)] (width x height)."""
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
+    return sizes
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -493,6 +696,8 @@ def main():
     make.add_argument("--root", default=DEFAULT_DATA_ROOT, help="output folder")
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--size", type=int, default=512, help="image side in pixels")
+    make.add_argument("--sizes", type=parse_sizes, default=None, metavar="WxH,...",
+                      help="photo sizes taken in turn, e.g. 512x512,640x480,480x640 (overrides --size)")
     make.add_argument("--n-train", type=int, default=120)
     make.add_argument("--n-val", type=int, default=30)
     make.add_argument("--n-test", type=int, default=30)
@@ -510,7 +715,7 @@ def main():
         from demo import make_demo
 
         make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train,
-                  n_val=args.n_val, n_test=args.n_test)
+                  n_val=args.n_val, n_test=args.n_test, sizes=args.sizes)
         print(f"demo dataset written to {args.root}")
         return
     if args.root == DEFAULT_DATA_ROOT:

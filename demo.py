@@ -532,6 +532,28 @@ def render_scene(seed, split, index, size=512):
     return Scene(_photograph(rng, canvas), annotations, labels)
 
 
+def reshape_scene(scene, width, height):
+    """A square Scene stretched to width x height: the photo resized, polygons scaled, areas and boxes recomputed.
+
+    Labels still match pixels: the stored polygons are scaled exactly and the label map is the
+    decoded result; annotations that vanish at the new size are dropped.
+    """
+    side = scene.image.shape[0]
+    sx, sy = width / side, height / side
+    annotations = []
+    for ann in scene.annotations:
+        polygons = [[round(v * (sx if i % 2 == 0 else sy), 2) for i, v in enumerate(part)] for part in ann["segmentation"]]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        if mask_utils.area(rle) > 0:
+            annotations.append(dict(ann, segmentation=polygons, area=int(mask_utils.area(rle)),
+                                    bbox=[float(b) for b in mask_utils.toBbox(rle)]))
+    labels = np.zeros((height, width), np.uint8)
+    for ann in annotations:  # already in paint order
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], height, width))
+        labels[mask_utils.decode(rle) > 0] = ann["category_id"]
+    return Scene(cv2.resize(scene.image, (width, height), interpolation=cv2.INTER_AREA), annotations, labels)
+
+
 # ---------------------------------------------------------------- dataset files
 
 def _file_name(split, image_id):
@@ -539,8 +561,13 @@ def _file_name(split, image_id):
     return f"{batch}/{image_id:04d}.jpg"
 
 
-def make_demo(root, seed=0, size=512, n_train=120, n_val=30, n_test=30):
-    """Write the synthetic set under `root` in the competition's layout; returns `root`."""
+def make_demo(root, seed=0, size=512, n_train=120, n_val=30, n_test=30, sizes=None):
+    """Write the synthetic set under `root` in the competition's layout; returns `root`.
+
+    `sizes`: (width, height) pairs the photos take in turn (portrait and landscape mixed sets);
+    by default every photo is size x size.
+    """
+    sizes = list(sizes) if sizes else [(size, size)]
     info = {"description": "Synthetic recycling-waste photos (demo set), not real data",
             "synthetic": True, "seed": seed, "size": size}
     categories = [{"id": i, "name": name, "supercategory": name} for i, name in enumerate(CATEGORY_NAMES, 1)]
@@ -549,11 +576,14 @@ def make_demo(root, seed=0, size=512, n_train=120, n_val=30, n_test=30):
     image_id = annotation_id = 1  # ids are unique across all splits
     for split, count in zip(SPLITS, (n_train, n_val, n_test)):
         for index in range(count):
-            scene = render_scene(seed, split, index, size)
+            width, height = sizes[(image_id - 1) % len(sizes)]
+            scene = render_scene(seed, split, index, max(width, height))
+            if width != height:
+                scene = reshape_scene(scene, width, height)
             file_name = _file_name(split, image_id)
             jpeg = cv2.imencode(".jpg", scene.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
             utils.atomic_write_bytes(os.path.join(root, file_name), jpeg.tobytes())
-            images[split].append({"id": image_id, "file_name": file_name, "height": size, "width": size})
+            images[split].append({"id": image_id, "file_name": file_name, "height": height, "width": width})
             if split != "test":  # test photos ship without labels
                 for ann in scene.annotations:
                     annotations[split].append({"id": annotation_id, "image_id": image_id, **ann, "iscrowd": 0})

@@ -4,12 +4,15 @@
     python inference.py --checkpoints "runs/*-fold*" --tta --tta-vflip --tta-scales 0.75 1.0 1.25
     python inference.py --json val.json --eval            # score a labelled json
     python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
+    python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # a folder of photos
+    python inference.py --images big_photo.jpg --tile 512 --save-masks masks/     # huge photos, window by window
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. Softmax probabilities are averaged
 over test-time augmentations and over checkpoints.
 """
 import argparse
+import collections
 import glob
 import os
 
@@ -35,31 +38,63 @@ def add_ensemble_args(p):
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (1 when image sizes differ)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
+    p.add_argument("--tile", type=positive_int, default=None, metavar="SIZE",
+                   help="predict each image window by window, SIZE x SIZE photo pixels each (for photos larger than "
+                        "the training size; device memory stays bounded by the window)")
+    p.add_argument("--tile-overlap", type=overlap_fraction, default=1 / 3,
+                   help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
+    p.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels than this (a guard against decompression bombs)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def overlap_fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_ensemble_args(p)
     p.add_argument("--json", default="test.json", help="images to predict, relative to --data-root")
+    p.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="predict these image files, folders (recursively) and globs instead of a json; "
+                        "unreadable files are skipped and counted")
     p.add_argument("--output", default="submission.csv", help="submission CSV path (written atomically)")
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
-    p.add_argument("--save-masks", default=None, help="folder for paletted PNG label maps")
-    p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels")
+    p.add_argument("--save-masks", default=None,
+                   help="folder for paletted PNG label maps <stem>.png, at each photo's size as displayed")
+    p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels <stem>.png")
     return p
 
 
 # ---------------------------------------------------------------- models
-class Member(torch.nn.Module):
-    """One checkpoint: [0, 1] images at any size -> class probabilities at the same size.
+def resize(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
-    Images are resized to the checkpoint's training size first; test-time
-    augmentation (scales included) applies at that size.
+
+class Member(torch.nn.Module):
+    """One checkpoint: [0, 1] images at any size -> class probabilities at each image's size.
+
+    `images`: an N x 3 x H x W batch, or a list of 3 x H x W images of different sizes; the
+    output takes the same form. Every image is resized to the checkpoint's training size, so a
+    list is still predicted as one batch, and each prediction is resized back to its own image.
+    Test-time augmentation (scales included) applies at the training size.
     """
 
     def __init__(self, checkpoint, tta_transforms=None):
@@ -73,8 +108,57 @@ class Member(torch.nn.Module):
             self.probs = tta.SegmentationTTAWrapper(self.probs, tta_transforms, merge_mode="mean")
 
     def forward(self, images):
-        x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return F.interpolate(self.probs(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        square = (self.size, self.size)
+        if torch.is_tensor(images):
+            return resize(self.probs(resize(images, square)), images.shape[-2:])
+        probs = self.probs(torch.cat([resize(image[None], square) for image in images]))
+        return [resize(prob[None], image.shape[-2:])[0] for prob, image in zip(probs, images)]
+
+    def slide(self, image, tiling):
+        """One 3 x H x W image (on any device) -> C x H x W float probabilities on the CPU, window by window.
+
+        MMSegmentation's slide inference: tiling.size x tiling.size windows of photo pixels cover the
+        image, the last one of each row and column aligned to the border; each window is predicted
+        as forward() predicts an image, and overlapping probabilities are averaged. At most
+        tiling.batch_size windows are on the device at once, whatever the photo's size.
+        """
+        device = next(self.parameters()).device
+        boxes = window_boxes(image.shape[-2:], tiling.size, tiling.overlap)
+        total, count = None, torch.zeros(image.shape[-2:])
+        for start in range(0, len(boxes), tiling.batch_size):
+            chunk = boxes[start:start + tiling.batch_size]
+            windows = torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]).to(device)
+            probs = self(windows).float().cpu()
+            if total is None:
+                total = torch.zeros((probs.shape[1], *image.shape[-2:]))
+            for (y0, y1, x0, x1), prob in zip(chunk, probs):
+                total[:, y0:y1, x0:x1] += prob
+                count[y0:y1, x0:x1] += 1
+        return total / count
+
+
+def window_boxes(image_hw, tile, overlap):
+    """(y0, y1, x0, x1) of the windows that cover an image, as MMSegmentation's slide inference places them.
+
+    Stride tile - round(tile * overlap); the last window of a row or column ends at the border;
+    a side shorter than the tile is one window as long as the side.
+    """
+    stride = max(1, tile - round(tile * overlap))
+
+    def spans(length):
+        count = max(length - tile + stride - 1, 0) // stride + 1
+        starts = sorted({max(min(i * stride, length - tile), 0) for i in range(count)})
+        return [(start, min(start + tile, length)) for start in starts]
+
+    return [(y0, y1, x0, x1) for y0, y1 in spans(image_hw[0]) for x0, x1 in spans(image_hw[1])]
+
+
+Tiling = collections.namedtuple("Tiling", "size overlap batch_size")
+
+
+def build_tiling(args):
+    """The window settings --tile asks for; None without --tile (images are resized whole)."""
+    return Tiling(args.tile, args.tile_overlap, args.batch_size) if args.tile else None
 
 
 class NormalisedSoftmax(torch.nn.Module):
@@ -100,31 +184,44 @@ def expand_checkpoints(patterns):
     return paths
 
 
-def load_ensemble(patterns, device, tta_transforms=None):
+def load_ensemble(patterns, device, tta_transforms=None, tiling=None):
     """(model averaging all members' probabilities, class names)."""
     paths = expand_checkpoints(patterns)
     checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
-    return build_ensemble(paths, checkpoints, device, tta_transforms)
+    return build_ensemble(paths, checkpoints, device, tta_transforms, tiling)
 
 
-def build_ensemble(paths, checkpoints, device, tta_transforms=None):
+def build_ensemble(paths, checkpoints, device, tta_transforms=None, tiling=None):
     """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         if checkpoint["class_names"] != class_names:
             raise ValueError(f"{path} predicts {checkpoint['class_names']}, {paths[0]} predicts {class_names}")
-    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints]).to(device).eval()
+    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints], tiling).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
 
 
 class Ensemble(torch.nn.Module):
-    def __init__(self, members):
+    """The members' probabilities averaged: images in the form Member takes (a batch tensor or a list
+    of images of different sizes), probabilities out in the same form, each at its image's size.
+
+    With `tiling`, each image is predicted window by window (Member.slide) and its probabilities
+    come back as a list on the CPU; the images may then stay on the CPU too.
+    """
+
+    def __init__(self, members, tiling=None):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.tiling = tiling
 
     def forward(self, images):
-        return torch.stack([m(images) for m in self.members]).mean(0)
+        if self.tiling is not None:
+            return [torch.stack([m.slide(image, self.tiling) for m in self.members]).mean(0) for image in images]
+        outputs = [m(images) for m in self.members]
+        if torch.is_tensor(images):
+            return torch.stack(outputs).mean(0)
+        return [torch.stack(per_member).mean(0) for per_member in zip(*outputs)]
 
 
 def build_tta(args):
@@ -147,23 +244,43 @@ def unit_range_transform():
 
 @torch.inference_mode()
 def predict(ensemble, loader, device, amp="off"):
-    """Yield (dataset index, class probabilities C x H x W on the device) in loader order."""
+    """Yield (dataset index, float class probabilities C x H x W) in loader order, each at its image's size.
+
+    The loader batches with dataset.collate_mixed: a batch tensor, or a list of images of different
+    sizes. Probabilities are on the device (on the CPU with tiling). An image a dataset could not
+    read (ImageFolderDataset gives its UserError instead) is yielded as that UserError.
+    """
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     index = 0
     for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
+        errors = {}
+        if not torch.is_tensor(images):
+            errors = {i: image for i, image in enumerate(images) if isinstance(image, utils.UserError)}
+            images = [image for image in images if not isinstance(image, utils.UserError)]
+        batch_size = len(images) + len(errors)
+        if ensemble.tiling is None:  # with tiling, windows go to the device a few at a time
+            images = to_device(images, device)
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            probs = ensemble(images.to(device, non_blocking=True))
-        for prob in probs.float():
-            yield index, prob
+            probs = iter(ensemble(images) if len(images) else [])
+        for position in range(batch_size):
+            yield index, errors[position] if position in errors else next(probs).float()
             index += 1
 
 
+def to_device(images, device):
+    """A batch tensor or a list of image tensors, moved to the device."""
+    if torch.is_tensor(images):
+        return images.to(device, non_blocking=True)
+    return [image.to(device, non_blocking=True) for image in images]
+
+
 def save_outputs(args, info, image_path, mask, num_classes):
-    stem = os.path.splitext(info["file_name"])[0] + ".png"
+    """<stem>.png label map and overlay panel, at the photo's size as displayed (the reader applies EXIF)."""
+    stem = data.output_name(info["file_name"])
     if args.save_masks:
         utils.atomic_write_png(os.path.join(args.save_masks, stem), mask, palette=utils.label_palette(num_classes))
     if args.save_vis:
-        rgb = data.read_image(image_path)
+        rgb = data.read_image(image_path, max_pixels=args.max_image_pixels)
         panel = np.concatenate([rgb, utils.overlay(rgb, mask, num_classes)], axis=1)
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
@@ -183,12 +300,14 @@ def run_oof(args):
         if run["fold"] in seen:
             raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']]} and {path}")
         split, seen[run["fold"]] = run_split, path
-        ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms)
+        ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms, build_tiling(args))
         coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
         _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
         dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", unit_range_transform(),
-                                           paint_order=run["paint_order"], image_ids=val_ids)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+                                           paint_order=run["paint_order"], image_ids=val_ids,
+                                           max_pixels=args.max_image_pixels)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                             collate_fn=data.collate_mixed)
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
         for index, prob in predict(ensemble, loader, args.device, args.amp):
             fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
@@ -201,31 +320,49 @@ def run_oof(args):
     return scores
 
 
-def main(args):
-    if args.oof:
-        return run_oof(args)
+def open_images(args, class_names):
+    """(dataset, its image-path function): the --images files and folders, or the --json's images."""
+    if args.images:
+        if args.eval:
+            raise utils.UserError("--eval needs labels: use --json with a labelled json instead of --images")
+        dataset = data.ImageFolderDataset(args.images, unit_range_transform(), max_pixels=args.max_image_pixels)
+        return dataset, dataset.image_path
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
-    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args))
     mode = "val" if args.eval else "test"
-    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform())
+    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform(),
+                                       max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
     if dataset.class_names != class_names:
         raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    return dataset, dataset.coco.image_path
+
+
+def main(args):
+    if args.oof:
+        return run_oof(args)
+    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args), build_tiling(args))
+    dataset, image_path = open_images(args, class_names)
+    skipped = len(getattr(dataset, "skipped", []))
     # sequential order: predict() maps batch positions back to dataset.images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=data.collate_mixed)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
     rows = []
     for index, prob in predict(ensemble, loader, args.device, args.amp):
         info = dataset.images[index]
+        if isinstance(prob, utils.UserError):
+            print(f"skipped: {prob}")
+            skipped += 1
+            continue
         mask = prob.argmax(0).byte()
         if args.eval:
             confusion.update(torch.from_numpy(dataset.label_mask(index)), mask)
         mask = mask.cpu().numpy()
         rows.append((info["file_name"], mask))
-        save_outputs(args, info, dataset.coco.image_path(info), mask, len(class_names))
-    utils.write_submission(args.output, rows, len(class_names), expected_ids=[i["file_name"] for i in dataset.images])
-    print(f"wrote {args.output} ({len(rows)} images)")
+        save_outputs(args, info, image_path(info), mask, len(class_names))
+    utils.write_submission(args.output, rows, len(class_names), expected_ids=[name for name, _ in rows])
+    print(f"wrote {args.output} ({len(rows)} images" + (f"; {skipped} unreadable file(s) skipped)" if skipped else ")"))
     if args.eval:
         scores = confusion.compute()
         print(utils.format_iou_table(class_names, scores))

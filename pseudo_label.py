@@ -26,7 +26,6 @@ import utils
 
 MANIFEST = "manifest.json"
 MASK_DIR = "masks"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
 
 
@@ -36,7 +35,9 @@ def get_args_parser():
     source = p.add_mutually_exclusive_group()
     source.add_argument("--json", default="test.json",
                         help="images to label, relative to --data-root; annotations in it are not read")
-    source.add_argument("--image-dir", default=None, help="label every jpg/png under this folder instead of a json")
+    source.add_argument("--image-dir", default=None,
+                        help="label every image under this folder (recursively) instead of a json; "
+                             "unreadable files are skipped and counted")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="keep a pixel when its top class probability is at least this; others become 255")
     p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
@@ -70,73 +71,25 @@ def read_label_png(path):
 
 
 def mask_name(file_name):
-    return os.path.join(MASK_DIR, os.path.splitext(file_name)[0] + ".png")
+    return os.path.join(MASK_DIR, data.output_name(file_name))
 
 
 # ---------------------------------------------------------------- unlabelled sources
-class ImageDirDataset(torch.utils.data.Dataset):
-    """Every jpg/png under a folder (recursively), as (image, file name) like a test SegmentationDataset.
-
-    `images` holds each file's decoded size, which inference.predict resizes back to.
-    """
-
-    def __init__(self, image_dir, transform, skip_dir=None):
-        self.root = os.path.abspath(image_dir)
-        self.transform = transform
-        names = sorted(list_images(self.root, skip_dir))
-        if not names:
-            raise ValueError(f"{image_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} files")
-        self.images = [self._record(name) for name in names]
-
-    def _record(self, file_name):
-        height, width = data.read_image(os.path.join(self.root, file_name)).shape[:2]
-        return {"id": None, "file_name": file_name, "height": height, "width": width}
-
-    def image_path(self, info):
-        return os.path.join(self.root, info["file_name"])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        info = self.images[index]
-        image = data.read_image(self.image_path(info), (info["height"], info["width"]))
-        return self.transform(image=image)["image"], info["file_name"]
-
-
-def list_images(root, skip_dir=None):
-    """Image paths relative to `root`; `skip_dir` (the output folder) is left out so masks are never inputs."""
-    skip = os.path.realpath(skip_dir) if skip_dir else None
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [d for d in subfolders if os.path.realpath(os.path.join(folder, d)) != skip]
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                yield os.path.relpath(os.path.join(folder, name), root)
-
-
 def open_source(args, class_names):
     """(dataset of unlabelled images, its image-path function, the manifest's `source` record)."""
     transform = inference.unit_range_transform()
     if args.image_dir:
-        dataset = ImageDirDataset(args.image_dir, transform, skip_dir=args.out)
-        return dataset, dataset.image_path, {"image_dir": dataset.root}
-    dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform)
+        dataset = data.ImageFolderDataset([args.image_dir], transform, skip_dir=args.out,
+                                          max_pixels=args.max_image_pixels)
+        return dataset, dataset.image_path, {"image_dir": os.path.abspath(args.image_dir)}
+    dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform,
+                                       max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
     if dataset.class_names != class_names:
         raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
     source = {"data_root": os.path.abspath(args.data_root), "json": os.path.abspath(dataset.coco.path),
               "json_hash": dataset.coco.content_hash}
     return dataset, dataset.coco.image_path, source
-
-
-def check_unique_masks(images):
-    """Two images with one stem (a.jpg, a.png) would write the same mask."""
-    seen = {}
-    for info in images:
-        name = mask_name(info["file_name"])
-        if name in seen:
-            raise ValueError(f"{seen[name]} and {info['file_name']} would both write {name}")
-        seen[name] = info["file_name"]
 
 
 # ---------------------------------------------------------------- manifest
@@ -243,19 +196,26 @@ def main(args):
     if args.image_dir is None and args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
     check_threshold(args.threshold)
-    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, inference.build_tta(args))
+    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, inference.build_tta(args),
+                                                    inference.build_tiling(args))
     dataset, image_path, source = open_source(args, class_names)
-    check_unique_masks(dataset.images)
+    data.check_unique_stems(info["file_name"] for info in dataset.images)
     # a run stopped midway must not leave an older manifest that points at overwritten masks
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(args.out, MANIFEST))
     # sequential order: predict() maps batch positions back to dataset.images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=data.collate_mixed)
     palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
     items = []
+    skipped = len(getattr(dataset, "skipped", []))
     for index, prob in inference.predict(ensemble, loader, args.device, args.amp):
         info = dataset.images[index]
+        if isinstance(prob, utils.UserError):
+            print(f"skipped: {prob}")
+            skipped += 1
+            continue
         mask = pseudo_mask(prob, args.threshold)
         utils.atomic_write_png(os.path.join(args.out, mask_name(info["file_name"])), mask, palette)
         image_counts = np.bincount(mask.ravel(), minlength=256)
@@ -268,7 +228,8 @@ def main(args):
                 "source": source, "items": items}
     utils.atomic_write_json(os.path.join(args.out, MANIFEST), manifest)
     print_summary(class_names, counts)
-    print(f"wrote {len(items)} masks and {os.path.join(args.out, MANIFEST)}")
+    print(f"wrote {len(items)} masks and {os.path.join(args.out, MANIFEST)}"
+          + (f"; {skipped} unreadable file(s) skipped" if skipped else ""))
     return manifest
 
 

@@ -28,7 +28,8 @@ import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
-RESUME_FREE_ARGS = ("resume", "output", "workers", "val_every", "save_every_steps", "cache_dir")
+RESUME_FREE_ARGS = ("resume", "output", "workers", "val_every", "save_every_steps", "cache_dir", "preflight",
+                    "max_image_pixels")
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
 
@@ -60,6 +61,8 @@ def get_args_parser():
     g.add_argument("--cache-images", action="store_true",
                    help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
     g.add_argument("--size", type=positive_int, default=512, help="training and validation image side in pixels")
+    g.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=float, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
@@ -111,6 +114,8 @@ def get_args_parser():
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
+    g.add_argument("--no-preflight", dest="preflight", action="store_false",
+                   help="skip the check before training (one training batch, validation on two val batches)")
     return p
 
 
@@ -132,7 +137,8 @@ def build_datasets(args, mean, std):
     """(labelled train set, everything trained on, val set)."""
     train_tf = data.build_transform(args.aug, args.size, mean, std)
     val_tf = data.build_transform("eval", args.size, mean, std)
-    common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir, cache_images=args.cache_images)
+    common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir, cache_images=args.cache_images,
+                  max_pixels=args.max_image_pixels)
     if args.fold is None:
         train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
         val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
@@ -178,7 +184,9 @@ def build_loaders(args, train_set, val_set, rank, world_size):
     if len(val_set) < world_size:  # a rank without val images would miss DDP's buffer broadcast in evaluate()
         raise ValueError(f"{len(val_set)} validation images cannot be shared among {world_size} processes")
     val_indices = list(range(rank, len(val_set), world_size))
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices, **loader_kwargs)
+    # val masks keep each image's size: collate_mixed lists them when sizes differ
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
+                                             collate_fn=data.collate_mixed, **loader_kwargs)
     return train_loader, val_loader
 
 
@@ -200,9 +208,12 @@ def autocast(args):
 
 
 def to_device(images, masks, args):
+    """Images as one batch tensor; masks as a batch tensor, or a list when val images differ in size."""
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     images = images.to(args.device, non_blocking=True).contiguous(memory_format=memory_format)
-    return images, masks.to(args.device, non_blocking=True)
+    if torch.is_tensor(masks):
+        return images, masks.to(args.device, non_blocking=True)
+    return images, [mask.to(args.device, non_blocking=True) for mask in masks]
 
 
 class NonFiniteTraining(RuntimeError):
@@ -268,18 +279,43 @@ def evaluate(model, loader, criterion, num_classes, args, rank=0, panels=None):
         images, masks = to_device(images, masks, args)
         with autocast(args):
             logits = model(images)
-        logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
-        loss_sum += torch.stack([criterion(logits, masks).double() * len(images), loss_sum.new_tensor(len(images))])
-        preds = logits.argmax(1)
-        confusion.update(masks, preds)
-        if panels is not None and len(panels) < PANEL_IMAGES:
-            panels.extend(zip(images.cpu(), masks.cpu(), preds.cpu()))
+        for images, logits, masks in same_size_groups(images, logits.float(), masks):
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+            loss_sum += torch.stack([criterion(logits, masks).double() * len(images), loss_sum.new_tensor(len(images))])
+            preds = logits.argmax(1)
+            confusion.update(masks, preds)
+            if panels is not None and len(panels) < PANEL_IMAGES:
+                panels.extend(zip(images.cpu(), masks.cpu(), preds.cpu()))
     confusion.all_reduce()
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
     scores = confusion.compute()
     scores["loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
     return scores
+
+
+def same_size_groups(images, logits, masks):
+    """(images, logits, masks) to score together: the whole batch when the masks are one tensor,
+    else one image at a time, each at its own mask's size."""
+    if torch.is_tensor(masks):
+        return [(images, logits, masks)]
+    return [(image[None], logit[None], mask[None]) for image, logit, mask in zip(images, logits, masks)]
+
+
+def preflight(model, train_set, val_set, criterion, num_classes, args, rank, world_size):
+    """Read one training batch and validate on two val batches before training starts, so a data,
+    shape or class-list problem surfaces in seconds, not after the first epoch."""
+    start = time.time()
+    batch = [train_set[(index, 0)] for index in range(min(args.batch_size, len(train_set)))]
+    torch.utils.data.default_collate(batch)
+    # the same number on every process, as evaluate()'s collectives need
+    val_indices = list(range(rank, len(val_set), world_size))[:min(2 * args.batch_size, len(val_set) // world_size)]
+    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
+                                         collate_fn=data.collate_mixed)
+    evaluate(model, loader, criterion, num_classes, args, rank)
+    if rank == 0:
+        print(f"preflight passed in {time.time() - start:.1f} s: one training batch read, "
+              f"{len(val_indices)} val image(s) validated (--no-preflight skips this)")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -464,6 +500,8 @@ def main(args):
                 and step % args.accum_steps == 0 and step < batches_per_epoch:
             save("last.pt", epoch, step)
 
+    if args.preflight:
+        preflight(state["model"], train_mix, val_set, state["criterion"], len(class_names), args, rank, world_size)
     start = time.time()
     try:
         for epoch in range(start_epoch, args.epochs):

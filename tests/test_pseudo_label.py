@@ -106,6 +106,8 @@ def test_no_exclusion_keeps_every_item(tmp_path, val_set):
 class BrightIsCan(torch.nn.Module):
     """Fake ensemble: bright pixels are 'Can' with p = 0.95, dark ones 'Bottle' with p = 0.6."""
 
+    tiling = None
+
     def forward(self, images):
         bright = (images.mean(1) > 0.5).float()
         can = 0.95 * bright + 0.2 * (1 - bright)
@@ -117,7 +119,7 @@ class BrightIsCan(torch.nn.Module):
 def fake_ensemble(monkeypatch, tmp_path):
     checkpoint = tmp_path / "fold0.pt"
     checkpoint.write_bytes(b"")
-    monkeypatch.setattr(inference, "load_ensemble", lambda patterns, device, tta: (BrightIsCan(), CLASS_NAMES))
+    monkeypatch.setattr(inference, "load_ensemble", lambda patterns, device, tta, tiling: (BrightIsCan(), CLASS_NAMES))
     return str(checkpoint)
 
 
