@@ -234,8 +234,10 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
         raise UserError(f"image file {path} is empty (0 bytes): copy it again or remove it")
     try:
         image = Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
         raise UserError(f"image file {path} {_unreadable_reason(path, err)}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # recognised, but its header is cut or damaged
+        raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         image.close()

@@ -1,0 +1,278 @@
+"""Photos from the wild: one reader for every script (EXIF, modes, limits, JPEG checks), batching of mixed sizes, tiling."""
+import json
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataset as data
+import inference
+import model as models
+from utils import UserError
+
+# 4 x 6 blocks of 8 x 8 pixels (aligned to JPEG's blocks, so JPEG keeps them almost exactly), all colours distinct
+BLOCKS = np.random.default_rng(0).permutation(np.arange(24)).reshape(4, 6)
+STORED = np.kron(np.stack([BLOCKS * 10, 255 - BLOCKS * 10, (BLOCKS * 37) % 256], -1), np.ones((8, 8, 1))).astype(np.uint8)
+
+# what a viewer shows for each EXIF orientation, written from the EXIF specification's words
+DISPLAYED = {
+    1: lambda s: s,
+    2: lambda s: s[:, ::-1],                  # mirror horizontal
+    3: lambda s: np.rot90(s, 2),              # rotate 180
+    4: lambda s: s[::-1],                     # mirror vertical
+    5: lambda s: np.rot90(s[:, ::-1], 1),     # mirror horizontal, then rotate 270 clockwise
+    6: lambda s: np.rot90(s, -1),             # rotate 90 clockwise
+    7: lambda s: np.rot90(s[:, ::-1], -1),    # mirror horizontal, then rotate 90 clockwise
+    8: lambda s: np.rot90(s, 1),              # rotate 270 clockwise
+}
+
+
+def save_jpeg(path, rgb, orientation=None, **kwargs):
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[data.ORIENTATION_TAG] = orientation
+    Image.fromarray(rgb).save(path, "JPEG", quality=100, subsampling=0, exif=exif, **kwargs)
+    return str(path)
+
+
+# ---------------------------------------------------------------- EXIF orientation
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_shows_the_photo_as_a_viewer_does(tmp_path, orientation):
+    path = save_jpeg(tmp_path / "photo.jpg", STORED, orientation)
+    expected = DISPLAYED[orientation](STORED)
+    image = data.read_image(path)
+    assert image.shape == expected.shape
+    assert np.abs(image.astype(int) - expected).max() <= 4  # JPEG's rounding; a wrong turn differs by >= 10
+    assert data.image_size(path) == expected.shape[:2]
+
+
+def test_exif_orientation_is_applied_alike_by_the_training_cache_and_the_folder_reader(tmp_path):
+    path = save_jpeg(tmp_path / "photo.jpg", STORED, 6)
+    cached = data.DecodedImageCache(str(tmp_path / "cache")).read(path)
+    assert np.array_equal(cached, data.read_image(path))
+    folder = data.ImageFolderDataset([str(tmp_path / "photo.jpg")], data.build_transform("eval", None, 0, 1))
+    image, name = folder[0]
+    assert name == "photo.jpg" and tuple(image.shape) == (3, 48, 32)
+    assert np.allclose(image.permute(1, 2, 0).numpy() * 255, cached, atol=0.01)
+
+
+# ---------------------------------------------------------------- modes
+def test_greyscale_becomes_three_equal_channels(tmp_path):
+    grey = STORED[..., 0]
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    assert np.array_equal(data.read_image(str(tmp_path / "grey.png")), np.repeat(grey[..., None], 3, 2))
+
+
+def test_palette_png_becomes_its_colours(tmp_path):
+    palette_image = Image.fromarray(STORED).quantize(colors=24, method=Image.Quantize.MEDIANCUT)
+    palette_image.save(tmp_path / "palette.png")
+    assert np.array_equal(data.read_image(str(tmp_path / "palette.png")), np.array(palette_image.convert("RGB")))
+
+
+def test_transparency_is_laid_over_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., :3] = (100, 50, 0)
+    rgba[:, :4, 3] = 255  # left half opaque, right half half transparent
+    rgba[:, 4:, 3] = 128
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    image = data.read_image(str(tmp_path / "alpha.png")).astype(int)
+    assert (image[:, :4] == (100, 50, 0)).all()
+    half = np.array([100, 50, 0]) * 128 / 255 + 255 * 127 / 255
+    assert np.abs(image[:, 4:] - half).max() <= 1
+
+
+def test_palette_transparency_is_laid_over_white(tmp_path):
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([10, 20, 30, 200, 0, 0] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    image.info["transparency"] = 0  # colour 0 (10, 20, 30) is transparent
+    image.save(tmp_path / "palette_alpha.png", transparency=0)
+    rgb = data.read_image(str(tmp_path / "palette_alpha.png"))
+    assert tuple(rgb[0, 0]) == (200, 0, 0) and (rgb[1:] == 255).all()
+
+
+def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    levels = np.array([[0, 100 * 257, 200 * 257, 65535]], np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), levels)
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    assert data.read_image(str(tmp_path / "deep.png"))[0, :, 0].tolist() == [0, 100, 200, 255]
+
+
+def test_cmyk_jpeg_becomes_rgb(tmp_path):
+    cmyk = np.zeros((16, 16, 4), np.uint8)
+    cmyk[:, :8] = (0, 255, 255, 0)  # red
+    cmyk[:, 8:] = (0, 0, 0, 255)  # black
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    rgb = data.read_image(str(tmp_path / "cmyk.jpg")).astype(int)
+    assert np.abs(rgb[:, :6] - (255, 0, 0)).max() <= 8 and rgb[:, 10:].max() <= 8
+
+
+# ---------------------------------------------------------------- files that are not (readable) images
+def test_a_file_that_is_not_an_image_is_named(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("shopping list")
+    with pytest.raises(UserError, match=r"notes\.jpg is not an image .*convert it to JPEG or PNG"):
+        data.read_image(str(path))
+
+
+def test_a_heic_photo_is_named_as_heic(tmp_path):
+    path = tmp_path / "iphone.jpg"
+    path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    with pytest.raises(UserError, match=r"iphone\.jpg is a HEIC file"):
+        data.read_image(str(path))
+
+
+def test_an_empty_file_is_named(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.png is empty"):
+        data.read_image(str(tmp_path / "empty.png"))
+
+
+def png_header_only(width, height):
+    """A PNG that claims width x height in its header and holds no pixels: a decompression bomb's calling card."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_the_pixel_limit_refuses_a_bomb_from_its_header_alone(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(100_000, 100_000))
+    with pytest.raises(UserError, match=r"bomb\.png is 100000x100000 = 10000\.0 megapixels.*--max-image-pixels"):
+        data.read_image(str(path))
+
+
+def test_the_pixel_limit_can_be_raised(tmp_path):
+    path = save_jpeg(tmp_path / "photo.jpg", STORED)
+    with pytest.raises(UserError, match="over the limit of 0.001"):
+        data.read_image(path, max_pixels=1000)
+    assert data.read_image(path, max_pixels=32 * 48).shape == (32, 48, 3)
+
+
+# ---------------------------------------------------------------- JPEG checks
+def test_a_jpeg_with_data_after_its_end_is_accepted(tmp_path):
+    clean = save_jpeg(tmp_path / "clean.jpg", STORED)
+    motion = tmp_path / "motion.jpg"  # phones append a video or metadata after the image
+    motion.write_bytes(open(clean, "rb").read() + b"\x00\x00\x00\x18ftypmp42" + bytes(20000))
+    assert np.array_equal(data.read_image(str(motion)), data.read_image(clean))
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.67], ids=["cut-in-the-header", "cut-in-the-pixels"])
+def test_a_truncated_jpeg_is_refused(tmp_path, keep):
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    full = open(save_jpeg(tmp_path / "full.jpg", noise), "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(full[:round(len(full) * keep)])
+    with pytest.raises(UserError, match=r"cut\.jpg is truncated"):
+        data.read_image(str(tmp_path / "cut.jpg"))
+
+
+def test_a_png_named_jpg_is_read_by_its_content(tmp_path):
+    Image.fromarray(STORED).save(tmp_path / "really_a_png.jpg", format="PNG")
+    assert np.array_equal(data.read_image(str(tmp_path / "really_a_png.jpg")), STORED)
+
+
+# ---------------------------------------------------------------- COCO size checks
+def write_coco(root, width, height):
+    coco = {"images": [{"id": 1, "file_name": "photo.jpg", "width": width, "height": height}],
+            "annotations": [], "categories": [{"id": 1, "name": "Can"}]}
+    (root / "test.json").write_text(json.dumps(coco))
+
+
+def test_exif_rotation_that_explains_a_size_mismatch_says_so(tmp_path):
+    save_jpeg(tmp_path / "photo.jpg", STORED, 6)  # stored 48x32 (WxH), displayed 32x48
+    write_coco(tmp_path, width=48, height=32)  # the json describes the stored pixels
+    dataset = data.SegmentationDataset(str(tmp_path), "test.json", "test")
+    with pytest.raises(UserError, match=r"photo\.jpg is 32x48 .*EXIF orientation 6.*strip the orientation tag"):
+        dataset[0]
+
+
+def test_a_size_mismatch_that_exif_does_not_explain_says_so(tmp_path):
+    save_jpeg(tmp_path / "photo.jpg", STORED, 3)
+    write_coco(tmp_path, width=40, height=30)
+    dataset = data.SegmentationDataset(str(tmp_path), "test.json", "test")
+    with pytest.raises(UserError, match=r"is 48x32 \(WxH\) but the json says 40x30 \(its EXIF orientation 3 does not"):
+        dataset[0]
+
+
+# ---------------------------------------------------------------- folders of photos
+def test_folder_dataset_skips_unreadable_files_and_reports_decoding_failures(tmp_path):
+    save_jpeg(tmp_path / "a.jpg", STORED)
+    (tmp_path / "sub").mkdir()
+    save_jpeg(tmp_path / "sub" / "b.jpg", STORED, 8)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    full = open(tmp_path / "a.jpg", "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) // 2])
+    folder = data.ImageFolderDataset([str(tmp_path)], data.build_transform("eval", None, 0, 1))
+    assert [i["file_name"] for i in folder.images] == ["a.jpg", "cut.jpg", "sub/b.jpg"]
+    assert len(folder.skipped) == 2  # empty and bomb, from their headers
+    assert isinstance(folder[1][0], UserError)  # the cut file fails only when decoded
+    assert tuple(folder[2][0].shape) == (3, 48, 32)
+
+
+def test_files_folders_and_globs_are_all_accepted(tmp_path):
+    for name in ("x.jpg", "y.jpg"):
+        save_jpeg(tmp_path / name, STORED)
+    (tmp_path / "more").mkdir()
+    save_jpeg(tmp_path / "more" / "z.jpg", STORED)
+    found = data.find_images([str(tmp_path / "x.jpg"), str(tmp_path / "*.jpg"), str(tmp_path / "more")])
+    assert [name for _, name in found] == ["x.jpg", "y.jpg", "z.jpg"]
+    with pytest.raises(UserError, match="matches no file or folder"):
+        data.find_images([str(tmp_path / "nothing*.jpg")])
+
+
+# ---------------------------------------------------------------- batching mixed sizes
+def test_collate_stacks_equal_sizes_and_lists_different_ones():
+    same = [(torch.ones(3, 4, 5), torch.zeros(4, 5), "a"), (torch.ones(3, 4, 5), torch.zeros(4, 5), "b")]
+    images, masks, names = data.collate_mixed(same)
+    assert images.shape == (2, 3, 4, 5) and masks.shape == (2, 4, 5) and names == ["a", "b"]
+    mixed = [(torch.ones(3, 8, 8), torch.zeros(4, 5)), (torch.ones(3, 8, 8), torch.zeros(5, 4))]
+    images, masks = data.collate_mixed(mixed)
+    assert images.shape == (2, 3, 8, 8) and [tuple(m.shape) for m in masks] == [(4, 5), (5, 4)]
+
+
+# ---------------------------------------------------------------- tiling
+def tiny_member(image_size):
+    torch.manual_seed(0)
+    net = models.create_model("unet", "test_resnet", 3)
+    checkpoint = {"model": "unet", "encoder": "test_resnet", "model_kwargs": {}, "num_classes": 3,
+                  "image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": net.state_dict()}
+    return inference.Member(checkpoint).eval()
+
+
+def test_window_boxes_cover_the_image_with_the_last_window_on_the_border():
+    assert inference.window_boxes((64, 64), 64, 1 / 3) == [(0, 64, 0, 64)]
+    boxes = inference.window_boxes((100, 150), 64, 0.25)  # stride 48
+    assert sorted({(y0, y1) for y0, y1, _, _ in boxes}) == [(0, 64), (36, 100)]
+    assert sorted({(x0, x1) for _, _, x0, x1 in boxes}) == [(0, 64), (48, 112), (86, 150)]
+    assert inference.window_boxes((40, 150), 64, 0.25)[0] == (0, 40, 0, 64)  # a short side is one window
+
+
+@pytest.mark.parametrize("image_size,side", [(64, 64), (32, 80)])
+def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(image_size, side):
+    member = tiny_member(image_size)
+    image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(1))
+    tiling = inference.Tiling(size=side, overlap=1 / 3, batch_size=4)
+    with torch.inference_mode():
+        assert torch.equal(member.slide(image, tiling), member(image[None])[0])
+
+
+def test_tiled_probabilities_average_the_overlapping_windows():
+    member = tiny_member(32)
+    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(2))
+    tiling = inference.Tiling(size=32, overlap=0.5, batch_size=2)
+    with torch.inference_mode():
+        tiled = member.slide(image, tiling)
+        total, count = torch.zeros_like(tiled), torch.zeros(40, 56)
+        for y0, y1, x0, x1 in inference.window_boxes((40, 56), 32, 0.5):
+            total[:, y0:y1, x0:x1] += member(image[None, :, y0:y1, x0:x1])[0]
+            count[y0:y1, x0:x1] += 1
+    assert count.min() >= 1 and count.max() > 1
+    torch.testing.assert_close(tiled, total / count)
+    torch.testing.assert_close(tiled.sum(0), torch.ones(40, 56))
