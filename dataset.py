@@ -11,6 +11,7 @@ import bisect
 import collections
 import functools
 import hashlib
+import io
 import itertools
 import glob
 import json
@@ -207,11 +208,14 @@ class MaskCache:
 
 
 # ---------------------------------------------------------------- images
-# One reader for every script. Pillow rather than cv2.imdecode: it recognises a file by its bytes
-# (a PNG named .jpg is read as the PNG it is), reads the size from the header before decoding (so
-# the pixel limit costs nothing and guards against decompression bombs), stops a JPEG at its end
-# marker (phones append data after it) while refusing a cut one, and lets EXIF orientation and
-# each mode (16-bit, palette or alpha transparency, CMYK) be converted explicitly, alike everywhere.
+# One reader for every script. Colour and greyscale JPEGs, nearly every photo, take a fast path:
+# a walk over the JPEG's markers gives the size (checked against the pixel limit before anything is
+# decoded) and shows whether the image data is complete (bytes after its end marker are fine:
+# phones append videos and metadata), then OpenCV decodes it, applying the EXIF orientation.
+# Everything else goes to Pillow, which recognises a file by its bytes (a PNG named .jpg is read as
+# the PNG it is), reads the size from the header, applies EXIF orientation (ImageOps.exif_transpose)
+# and converts each mode (16-bit, palette or alpha transparency, CMYK) explicitly. Pillow for every
+# file would cost about 0.5 ms more per image (its header parsing in Python), which small images feel.
 MAX_IMAGE_PIXELS = 50_000_000  # about four 12-megapixel phone photos; scripts raise it with --max-image-pixels
 Image.MAX_IMAGE_PIXELS = None  # read_image's own limit replaces Pillow's global one, so a flag can raise it
 READER_VERSION = 2  # part of DecodedImageCache's keys: bump when the decoded pixels of a file change
@@ -222,29 +226,121 @@ ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and he
 UNREADABLE_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"),
                       (4, b"ftypavif", "AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "ZIP"))
 WHITE = (255, 255, 255, 255)
+JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+JpegLayout = collections.namedtuple("JpegLayout", "width height components complete")
 
 
-def open_image(path, max_pixels=MAX_IMAGE_PIXELS):
-    """The Pillow image of a file (header read, pixels not yet decoded); a UserError naming the file
-    when it is missing, empty, not an image Pillow reads, or over `max_pixels`."""
+def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
+    """RGB uint8 H x W x 3 pixels as a person sees the photo: EXIF orientation applied, any mode converted.
+
+    Problems are errors naming the file: missing, empty, not an image, over `max_pixels`, truncated
+    or corrupt, or another size than `expected_hw` (the json's), saying whether EXIF rotation explains it.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as f:
+        contents = f.read()
+    layout = jpeg_layout(contents)
+    if layout is not None and layout.components in (1, 3):
+        check_pixel_limit(path, layout.width, layout.height, max_pixels)
+        rgb = decode_jpeg(contents, path, layout.complete)
+    else:
+        rgb = decode_with_pillow(contents, path, max_pixels)
+    if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
+        raise UserError(size_mismatch_message(path, rgb.shape[:2], expected_hw))
+    return rgb
+
+
+def decode_jpeg(contents, path, complete):
+    """A colour or greyscale JPEG -> RGB pixels, EXIF orientation applied (by OpenCV)."""
+    if not complete:
+        raise UserError(f"image file {path} is truncated (its JPEG image data has no end): copy it again or remove it")
+    rgb = cv2.imdecode(np.frombuffer(contents, np.uint8), cv2.IMREAD_COLOR_RGB)
+    if rgb is None:
+        raise UserError(f"image file {path} is a corrupt JPEG that cannot be decoded: copy it again or remove it")
+    return rgb
+
+
+def decode_with_pillow(contents, path, max_pixels):
+    """Any image Pillow reads -> RGB pixels, EXIF orientation applied."""
+    with open_image(path, max_pixels, contents) as image:
+        try:
+            image.load()  # decodes; a cut file fails here
+            ImageOps.exif_transpose(image, in_place=True)
+            return to_rgb(image)
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
+
+
+def jpeg_layout(contents):
+    """(width, height, colour components, whether the image data runs to its end marker) of a JPEG;
+    None when the bytes are not a JPEG or its header cannot be walked (Pillow then reports why).
+
+    The header segments are skipped by their lengths (an embedded thumbnail's own end marker lies
+    inside one); after the first scan, the markers outside entropy-coded data (FF followed by
+    anything but 00, fill FF or a restart marker D0-D7) are walked in turn up to EOI.
+    """
+    if contents[:3] != b"\xff\xd8\xff":
+        return None
+    data = np.frombuffer(contents, np.uint8)
+    pos, frame = 2, None
+    while True:  # header segments, up to and including the first start-of-scan
+        if pos + 4 > len(data) or data[pos] != 0xFF:
+            return None
+        marker = int(data[pos + 1])
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in JPEG_FRAME_MARKERS and pos + 10 <= len(data):
+            height, width = int(data[pos + 5]) << 8 | int(data[pos + 6]), int(data[pos + 7]) << 8 | int(data[pos + 8])
+            frame = (width, height, int(data[pos + 9]))
+        pos += 2 + (int(data[pos + 2]) << 8 | int(data[pos + 3]))
+        if marker == 0xDA:
+            break
+    if frame is None:
+        return None
+    ff = np.flatnonzero(data[pos:-1] == 0xFF) + pos
+    following = data[ff + 1]
+    is_marker = (following != 0x00) & (following != 0xFF) & ((following < 0xD0) | (following > 0xD7))
+    for at, marker in zip(ff[is_marker].tolist(), following[is_marker].tolist()):
+        if at < pos:
+            continue  # inside a segment already skipped (progressive JPEGs have several scans and tables)
+        if marker == 0xD9:
+            return JpegLayout(*frame, complete=True)
+        if at + 4 > len(data):
+            break
+        pos = at + 2 + (int(data[at + 2]) << 8 | int(data[at + 3]))
+    return JpegLayout(*frame, complete=False)
+
+
+def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
+    """The Pillow image of a file (header read, pixels not decoded), from `contents` when given; a
+    UserError naming the file when it is missing, empty, not an image Pillow reads, or over `max_pixels`."""
+    path = os.fspath(path)
+    if contents is None and not os.path.isfile(path):
+        raise FileNotFoundError(f"image file {path} does not exist")
+    if (len(contents) if contents is not None else os.path.getsize(path)) == 0:
         raise UserError(f"image file {path} is empty (0 bytes): copy it again or remove it")
     try:
-        image = Image.open(path)
+        image = Image.open(io.BytesIO(contents) if contents is not None else path)
     except UnidentifiedImageError as err:
         raise UserError(f"image file {path} {_unreadable_reason(path, err)}") from None
     except (OSError, SyntaxError, ValueError) as err:  # recognised, but its header is cut or damaged
         raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
-    width, height = image.size
-    if max_pixels is not None and width * height > max_pixels:
+    try:
+        check_pixel_limit(path, *image.size, max_pixels)
+    except UserError:
         image.close()
+        raise
+    return image
+
+
+def check_pixel_limit(path, width, height, max_pixels):
+    if max_pixels is not None and width * height > max_pixels:
         raise UserError(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
                         f"limit of {max_pixels / 1e6:g} (a guard against decompression bombs); if the photo is "
                         f"genuine, raise the limit with --max-image-pixels")
-    return image
 
 
 def _unreadable_reason(path, err):
@@ -256,24 +352,10 @@ def _unreadable_reason(path, err):
     return f"is not an image this toolkit can read ({err}); convert it to JPEG or PNG, or remove it"
 
 
-def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
-    """RGB uint8 H x W x 3 pixels as a person sees the photo: EXIF orientation applied, any mode converted.
-
-    Problems are errors naming the file: missing, empty, not an image, over `max_pixels`, truncated
-    or corrupt, or another size than `expected_hw` (the json's), saying whether EXIF rotation explains it.
-    """
-    with open_image(path, max_pixels) as image:
-        stored_size = image.size
-        try:
-            orientation = image.getexif().get(ORIENTATION_TAG, 1)
-            image.load()  # decodes; a cut file fails here
-            ImageOps.exif_transpose(image, in_place=True)
-            rgb = to_rgb(image)
-        except (OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
-    if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
-        raise UserError(size_mismatch_message(path, rgb.shape[:2], expected_hw, stored_size, orientation))
-    return rgb
+def exif_orientation(image):
+    """The EXIF orientation tag of a Pillow image, 1 (as stored) when absent or not one of the 8 values."""
+    value = image.getexif().get(ORIENTATION_TAG, 1)
+    return value if value in range(1, 9) else 1
 
 
 def to_rgb(image):
@@ -292,8 +374,10 @@ def to_rgb(image):
     return np.array(image)  # a writable copy, as the transforms and torch.from_numpy want
 
 
-def size_mismatch_message(path, shown_hw, expected_hw, stored_size, orientation):
-    """Why an image's size differs from its json entry, and what to do."""
+def size_mismatch_message(path, shown_hw, expected_hw):
+    """Why an image's size differs from its json entry, and what to do (EXIF rotation or not)."""
+    with open_image(path, max_pixels=None) as image:
+        stored_size, orientation = image.size, exif_orientation(image)
     shown = f"{shown_hw[1]}x{shown_hw[0]}"
     expected = f"{expected_hw[1]}x{expected_hw[0]}"
     if orientation in ROTATING_ORIENTATIONS and tuple(stored_size) == (expected_hw[1], expected_hw[0]):
@@ -311,7 +395,7 @@ def image_size(path, max_pixels=MAX_IMAGE_PIXELS):
     """(height, width) as displayed (EXIF orientation applied), from the header alone: no decoding."""
     with open_image(path, max_pixels) as image:
         width, height = image.size
-        if image.getexif().get(ORIENTATION_TAG, 1) in ROTATING_ORIENTATIONS:
+        if exif_orientation(image) in ROTATING_ORIENTATIONS:
             width, height = height, width
     return height, width
 

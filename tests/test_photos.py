@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import dataset as data
 import inference
@@ -50,6 +50,16 @@ def test_exif_orientation_shows_the_photo_as_a_viewer_does(tmp_path, orientation
     assert data.image_size(path) == expected.shape[:2]
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_of_a_png_matches_pillows_exif_transpose(tmp_path, orientation):
+    exif = Image.Exif()
+    exif[data.ORIENTATION_TAG] = orientation
+    Image.fromarray(STORED).save(tmp_path / "photo.png", exif=exif)  # decoded by Pillow, not OpenCV
+    expected = np.array(ImageOps.exif_transpose(Image.open(tmp_path / "photo.png")).convert("RGB"))
+    assert np.array_equal(data.read_image(str(tmp_path / "photo.png")), expected)
+    assert np.array_equal(expected, DISPLAYED[orientation](STORED))
+
+
 def test_exif_orientation_is_applied_alike_by_the_training_cache_and_the_folder_reader(tmp_path):
     path = save_jpeg(tmp_path / "photo.jpg", STORED, 6)
     cached = data.DecodedImageCache(str(tmp_path / "cache")).read(path)
@@ -61,10 +71,12 @@ def test_exif_orientation_is_applied_alike_by_the_training_cache_and_the_folder_
 
 
 # ---------------------------------------------------------------- modes
-def test_greyscale_becomes_three_equal_channels(tmp_path):
+@pytest.mark.parametrize("suffix,tolerance", [(".png", 0), (".jpg", 2)])
+def test_greyscale_becomes_three_equal_channels(tmp_path, suffix, tolerance):
     grey = STORED[..., 0]
-    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
-    assert np.array_equal(data.read_image(str(tmp_path / "grey.png")), np.repeat(grey[..., None], 3, 2))
+    Image.fromarray(grey, "L").save(tmp_path / f"grey{suffix}", quality=100)
+    image = data.read_image(str(tmp_path / f"grey{suffix}")).astype(int)
+    assert (image == image[..., :1]).all() and np.abs(image[..., 0] - grey).max() <= tolerance
 
 
 def test_palette_png_becomes_its_colours(tmp_path):
@@ -169,6 +181,29 @@ def test_a_truncated_jpeg_is_refused(tmp_path, keep):
     full = open(save_jpeg(tmp_path / "full.jpg", noise), "rb").read()
     (tmp_path / "cut.jpg").write_bytes(full[:round(len(full) * keep)])
     with pytest.raises(UserError, match=r"cut\.jpg is truncated"):
+        data.read_image(str(tmp_path / "cut.jpg"))
+
+
+def test_a_progressive_jpeg_is_read_whole_and_refused_cut(tmp_path):
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    path = save_jpeg(tmp_path / "progressive.jpg", noise, progressive=True)
+    assert np.array_equal(data.read_image(path), np.array(Image.open(path)))
+    full = open(path, "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) // 2])  # cut between two of its scans' data
+    with pytest.raises(UserError, match="truncated"):
+        data.read_image(str(tmp_path / "cut.jpg"))
+
+
+def test_an_exif_thumbnail_does_not_hide_a_cut_photo(tmp_path):
+    thumbnail = open(save_jpeg(tmp_path / "thumb.jpg", STORED[:8, :8]), "rb").read()  # ends with its own FF D9
+    app1 = b"Exif\x00\x00" + thumbnail
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    photo = open(save_jpeg(tmp_path / "photo.jpg", noise), "rb").read()
+    with_thumbnail = photo[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + photo[2:]
+    (tmp_path / "whole.jpg").write_bytes(with_thumbnail)
+    assert np.array_equal(data.read_image(str(tmp_path / "whole.jpg")), data.read_image(str(tmp_path / "photo.jpg")))
+    (tmp_path / "cut.jpg").write_bytes(with_thumbnail[:len(with_thumbnail) - len(photo) // 2])
+    with pytest.raises(UserError, match="truncated"):
         data.read_image(str(tmp_path / "cut.jpg"))
 
 
