@@ -134,7 +134,7 @@ class Member(torch.nn.Module):
             for (y0, y1, x0, x1), prob in zip(chunk, probs):
                 total[:, y0:y1, x0:x1] += prob
                 count[y0:y1, x0:x1] += 1
-        return total / count
+        return total.div_(count)
 
 
 def window_boxes(image_hw, tile, overlap):
@@ -217,11 +217,18 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, images):
         if self.tiling is not None:
-            return [torch.stack([m.slide(image, self.tiling) for m in self.members]).mean(0) for image in images]
+            return [self.slide_mean(image) for image in images]
         outputs = [m(images) for m in self.members]
         if torch.is_tensor(images):
             return torch.stack(outputs).mean(0)
         return [torch.stack(per_member).mean(0) for per_member in zip(*outputs)]
+
+    def slide_mean(self, image):
+        """The members' tiled probabilities of one image, averaged in place: host memory for one C x H x W sum."""
+        total = self.members[0].slide(image, self.tiling)
+        for member in self.members[1:]:
+            total += member.slide(image, self.tiling)
+        return total.div_(len(self.members))
 
 
 def build_tta(args):
