@@ -324,8 +324,8 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
         raise UserError(f"image file {path} is empty (0 bytes): copy it again or remove it")
     try:
         image = Image.open(io.BytesIO(contents) if contents is not None else path)
-    except UnidentifiedImageError as err:
-        raise UserError(f"image file {path} {_unreadable_reason(path, err)}") from None
+    except UnidentifiedImageError:
+        raise UserError(f"image file {path} {_unreadable_reason(path)}") from None
     except (OSError, SyntaxError, ValueError) as err:  # recognised, but its header is cut or damaged
         raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
     try:
@@ -343,13 +343,16 @@ def check_pixel_limit(path, width, height, max_pixels):
                         f"genuine, raise the limit with --max-image-pixels")
 
 
-def _unreadable_reason(path, err):
+def _unreadable_reason(path):
     with open(path, "rb") as f:
         head = f.read(16)
     for offset, magic, name in UNREADABLE_FORMATS:
         if head[offset:offset + len(magic)] == magic:
             return f"is a {name} file, which this toolkit does not read: convert it to JPEG or PNG"
-    return f"is not an image this toolkit can read ({err}); convert it to JPEG or PNG, or remove it"
+    for magic, name in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG")):
+        if head.startswith(magic):
+            return f"is a {name} whose header is truncated or corrupt: copy it again or remove it"
+    return "is not an image this toolkit can read (its bytes match no known format): convert it to JPEG or PNG, or remove it"
 
 
 def exif_orientation(image):

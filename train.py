@@ -310,8 +310,9 @@ def preflight(model, train_set, val_set, criterion, num_classes, args, rank, wor
     torch.utils.data.default_collate(batch)
     # the same number on every process, as evaluate()'s collectives need
     val_indices = list(range(rank, len(val_set), world_size))[:min(2 * args.batch_size, len(val_set) // world_size)]
+    # its own generator: a loader without one draws its seed from the global RNG, which resume restores
     loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
-                                         collate_fn=data.collate_mixed)
+                                         collate_fn=data.collate_mixed, generator=torch.Generator())
     evaluate(model, loader, criterion, num_classes, args, rank)
     if rank == 0:
         print(f"preflight passed in {time.time() - start:.1f} s: one training batch read, "

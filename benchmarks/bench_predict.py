@@ -68,10 +68,10 @@ def random_checkpoint(args):
 # ---------------------------------------------------------------- same-size speed, old vs new
 def load_old_modules(revision, folder):
     """This repository's modules at `revision`, imported under their own names into a dict."""
-    saved = {name: sys.modules.get(name) for name in OLD_MODULES + ("demo",)}
+    saved = {name: sys.modules.get(name) for name in OLD_MODULES}
     old = {}
     try:
-        for name in OLD_MODULES + ("demo",):
+        for name in OLD_MODULES:
             source = subprocess.run(["git", "show", f"{revision}:{name}.py"], cwd=REPO, check=True,
                                     capture_output=True, text=True).stdout
             with open(os.path.join(folder, f"{name}.py"), "w") as f:

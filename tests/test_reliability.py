@@ -92,7 +92,8 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(demo_root,
 
     monkeypatch.setattr(losses, "build_loss", build_poisoned_loss)
     with pytest.raises(SystemExit) as stop:
-        train.main(train_args(demo_root, tmp_path / "run", "--save-every-steps", "1"))
+        # no preflight: its validation would count as calls of the poisoned loss
+        train.main(train_args(demo_root, tmp_path / "run", "--save-every-steps", "1", "--no-preflight"))
     if kept_position is None:
         assert stop.value.code == f"stopped: {reason}; no checkpoint was saved yet. {ADVICE}"
         assert not last_pt.exists()
