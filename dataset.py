@@ -82,6 +82,8 @@ class Coco:
         return UserError(f"{self.path}: {what}")
 
     def _load(self, expect_annotations):
+        if not os.path.isfile(self.path):
+            raise UserError(f"json file {self.path} does not exist")
         with open(self.path, "rb") as f:
             raw = f.read()
         self.content_hash = hashlib.sha1(raw).hexdigest()[:16]
@@ -303,11 +305,11 @@ def _usable_segmentation(segmentation, height, width, notes):
         if _polygon_area(coords) == 0:
             notes["polygon parts skipped: zero area"] += 1
             continue
-        if coords.min() < 0 or (coords[:, 0] > width).any() or (coords[:, 1] > height).any():
+        low, high = coords.min(0), coords.max(0)
+        if low.min() < 0 or high[0] > width or high[1] > height:
             notes["polygons clipped to the image border"] += 1
-        margin = (-width, -height, 2 * width, 2 * height)
-        if (coords < margin[:2]).any() or (coords > margin[2:]).any():
-            coords = clip_polygon(coords, *margin)
+        if low[0] < -width or low[1] < -height or high[0] > 2 * width or high[1] > 2 * height:
+            coords = clip_polygon(coords, -width, -height, 2 * width, 2 * height)
             if len(coords) < 3 or _polygon_area(coords) == 0:
                 continue  # wholly outside: paints nothing
             part = coords.ravel().tolist()
@@ -316,8 +318,8 @@ def _usable_segmentation(segmentation, height, width, notes):
 
 
 def _polygon_area(coords):
-    x, y = coords[:, 0], coords[:, 1]
-    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    x, y = coords[:, 0], coords[:, 1]  # shoelace formula; the last term closes the polygon
+    return 0.5 * abs(np.dot(x[1:], y[:-1]) - np.dot(y[1:], x[:-1]) + x[0] * y[-1] - y[0] * x[-1])
 
 
 def clip_polygon(coords, x_min, y_min, x_max, y_max):
