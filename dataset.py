@@ -54,7 +54,7 @@ class Coco:
     def __init__(self, json_path, root, expect_annotations=True):
         self.path = os.fspath(json_path)
         self.root = os.fspath(root)
-        data = self._load(expect_annotations)
+        data, self.content_hash = self._load(expect_annotations)
         self.notes = collections.Counter()
         self.categories = self._check_categories(data["categories"])
         self.class_names = [BACKGROUND] + [c["name"] for c in self.categories]
@@ -82,11 +82,11 @@ class Coco:
         return UserError(f"{self.path}: {what}")
 
     def _load(self, expect_annotations):
+        """(parsed json, hash of its bytes) once its top level has the keys this split needs."""
         if not os.path.isfile(self.path):
             raise UserError(f"json file {self.path} does not exist")
         with open(self.path, "rb") as f:
             raw = f.read()
-        self.content_hash = hashlib.sha1(raw).hexdigest()[:16]
         try:
             data = json.loads(raw)
         except ValueError as err:  # JSONDecodeError or UnicodeDecodeError
@@ -100,10 +100,10 @@ class Coco:
                     continue
                 hint = (": it looks like an unlabelled (test) json; give a labelled json here"
                         if key == "annotations" else "")
-                raise self._error(f"has no '{key}' key{hint}")
+                raise UserError(f"{self.path} has no '{key}' key{hint}")
             if not isinstance(data[key], list):
                 raise self._error(f"'{key}' is a {type(data[key]).__name__}, not a list")
-        return data
+        return data, hashlib.sha1(raw).hexdigest()[:16]
 
     def _integer(self, record, key, where, positive=False):
         """record[key] as an int: json numbers with an integer value (512 or 512.0); strings are refused."""

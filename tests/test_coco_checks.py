@@ -266,7 +266,7 @@ def test_inference_refuses_a_json_with_other_classes_in_the_same_words(demo_root
 # ---------------------------------------------------------------- schema
 def test_json_without_annotations_key_is_refused_as_a_test_json(demo_root, tmp_path, capsys):
     message, path = refused_train_json(capsys, demo_root, tmp_path, lambda coco: coco.pop("annotations"))
-    assert message == (f"error: {path}: has no 'annotations' key: it looks like an unlabelled (test) json; "
+    assert message == (f"error: {path} has no 'annotations' key: it looks like an unlabelled (test) json; "
                        "give a labelled json here")
 
 
