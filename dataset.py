@@ -12,6 +12,7 @@ import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 
 import albumentations as A
@@ -21,7 +22,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from pycocotools import mask as mask_utils
 
-from utils import IGNORE_INDEX, atomic_write_json, atomic_write_npy, atomic_write_png
+from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -34,6 +35,9 @@ CACHE_VERSION = 1  # bump when the way masks are painted changes
 # An explicit level swaps OpenCV's default PNG settings (SUB row filter, RLE strategy)
 # for libpng's adaptive filters: the same pixels, and label maps decode about twice as fast.
 MASK_PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1)
+BACKGROUND = "Background"  # label 0, added before the json's categories
+MAX_CATEGORIES = IGNORE_INDEX - 1  # labels 1..254 fit the uint8 masks; 255 stays "ignore"
+MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on images it reads
 
 
 # ---------------------------------------------------------------- COCO json
@@ -41,27 +45,21 @@ class Coco:
     """A checked COCO json: images, annotations per image, and the class list.
 
     Class list = "Background" + category names in id order; a label is the index
-    in that list. Problems that would silently corrupt masks are errors; problems
-    that can be repaired without guessing are counted in `notes`.
+    in that list. The whole json is checked once, before any work: problems that
+    would corrupt masks or crash later stop with a UserError naming the json and
+    the image, annotation or category id; problems that can be repaired without
+    guessing (one unusable polygon part) are counted in `notes`.
     """
 
     def __init__(self, json_path, root, expect_annotations=True):
         self.path = os.fspath(json_path)
         self.root = os.fspath(root)
-        with open(self.path, "rb") as f:
-            raw = f.read()
-        self.content_hash = hashlib.sha1(raw).hexdigest()[:16]
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path} is not valid json: {err}") from None
+        data, self.content_hash = self._load(expect_annotations)
         self.notes = collections.Counter()
-        self.categories = sorted(data.get("categories", []), key=lambda c: c["id"])
-        if not self.categories:
-            raise ValueError(f"{self.path} has no categories")
-        self.class_names = ["Background"] + [c["name"] for c in self.categories]
+        self.categories = self._check_categories(data["categories"])
+        self.class_names = [BACKGROUND] + [c["name"] for c in self.categories]
         self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
-        self.images = self._check_images(data.get("images", []))
+        self.images = self._check_images(data["images"])
         annotations = data.get("annotations", [])
         if annotations and not expect_annotations:
             self.notes[f"annotations ignored ({len(annotations)}): this json is read as unlabelled"] += 1
@@ -72,75 +70,272 @@ class Coco:
     def num_classes(self):
         return len(self.class_names)
 
+    @property
+    def classes(self):
+        """(category id, name) in label order: what two jsons must share for their labels to mean the same."""
+        return [(c["id"], c["name"]) for c in self.categories]
+
     def image_path(self, image):
         return os.path.join(self.root, image["file_name"])
 
+    def _error(self, what):
+        return UserError(f"{self.path}: {what}")
+
+    def _load(self, expect_annotations):
+        """(parsed json, hash of its bytes) once its top level has the keys this split needs."""
+        if not os.path.isfile(self.path):
+            raise UserError(f"json file {self.path} does not exist")
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError or UnicodeDecodeError
+            raise UserError(f"{self.path} is not valid json: {err}") from None
+        if not isinstance(data, dict):
+            raise self._error(f"the top level is a {type(data).__name__}, not an object with "
+                              "'images', 'categories' and 'annotations'")
+        for key in ("images", "categories", "annotations"):
+            if key not in data:
+                if key == "annotations" and not expect_annotations:
+                    continue
+                hint = (": it looks like an unlabelled (test) json; give a labelled json here"
+                        if key == "annotations" else "")
+                raise UserError(f"{self.path} has no '{key}' key{hint}")
+            if not isinstance(data[key], list):
+                raise self._error(f"'{key}' is a {type(data[key]).__name__}, not a list")
+        return data, hashlib.sha1(raw).hexdigest()[:16]
+
+    def _integer(self, record, key, where, positive=False):
+        """record[key] as an int: json numbers with an integer value (512 or 512.0); strings are refused."""
+        kind = "a positive integer" if positive else "an integer"
+        if key not in record:
+            raise self._error(f"{where} has no {key} ({kind})")
+        value = record[key]
+        number = _as_integer(value)
+        if number is None or (positive and number < 1):
+            quoted = " (a string: write the number without quotes)" if isinstance(value, str) else ""
+            raise self._error(f"{where}: {key} must be {kind}, not {value!r}{quoted}")
+        return number
+
+    def _check_categories(self, categories):
+        if not categories:
+            raise UserError(f"{self.path} has no categories")
+        if len(categories) > MAX_CATEGORIES:
+            raise self._error(f"{len(categories)} categories, but at most {MAX_CATEGORIES} fit the uint8 label masks "
+                              f"(label 0 is {BACKGROUND}, {IGNORE_INDEX} means ignore); merge or drop categories")
+        checked, names = {}, {}
+        for index, category in enumerate(categories):
+            if not isinstance(category, dict):
+                raise self._error(f"categories[{index}] is a {type(category).__name__}, not an object")
+            cat_id = self._integer(category, "id", f"categories[{index}]")
+            name = category.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise self._error(f"category {cat_id} needs a name (a non-empty string), not {name!r}")
+            if cat_id in checked:
+                raise self._error(f"category id {cat_id} appears twice ({checked[cat_id]['name']!r} and {name!r}); "
+                                  "give each category its own id")
+            key = name.strip().casefold()
+            if key == BACKGROUND.casefold():
+                raise self._error(f"category {cat_id} is named {name!r}, like the {BACKGROUND} class the toolkit adds "
+                                  "as label 0 for unannotated pixels; remove this category or rename it")
+            if key in names:
+                raise self._error(f"categories {names[key]} and {cat_id} are both named {name!r}; "
+                                  "give each category its own name")
+            checked[cat_id], names[key] = dict(category, id=cat_id), cat_id
+        return [checked[cat_id] for cat_id in sorted(checked)]
+
     def _check_images(self, images):
         if not images:
-            raise ValueError(f"{self.path} lists no images")
-        seen = set()
+            raise UserError(f"{self.path} lists no images")
+        checked, seen = [], set()
         root = os.path.abspath(self.root)
-        for image in images:
-            if image["id"] in seen:
-                raise ValueError(f"{self.path}: image id {image['id']} appears twice")
-            seen.add(image["id"])
-            name = image["file_name"]
+        for index, image in enumerate(images):
+            if not isinstance(image, dict):
+                raise self._error(f"images[{index}] is a {type(image).__name__}, not an object")
+            image_id = self._integer(image, "id", f"images[{index}]")
+            if image_id in seen:
+                raise self._error(f"image id {image_id} appears twice")
+            seen.add(image_id)
+            where = f"image {image_id}"
+            height = self._integer(image, "height", where, positive=True)
+            width = self._integer(image, "width", where, positive=True)
+            if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
+                raise self._error(f"{where} is {width}x{height} (WxH), larger than OpenCV reads "
+                                  f"({MAX_IMAGE_SIDE} pixels a side, {MAX_IMAGE_PIXELS} in all)")
+            name = image.get("file_name")
+            if not isinstance(name, str) or not name:
+                raise self._error(f"{where} needs a file_name (a non-empty string), not {name!r}")
             resolved = os.path.normpath(os.path.join(root, name))  # symlinked folders inside the root are fine
             if os.path.isabs(name) or not resolved.startswith(root + os.sep):
-                raise ValueError(f"{self.path}: image {image['id']} file_name {name!r} "
-                                 f"resolves outside the data root {self.root}")
-        return images
+                raise self._error(f"image {image_id} file_name {name!r} resolves outside the data root {self.root}")
+            checked.append(dict(image, id=image_id, height=height, width=width))
+        return checked
 
     def _group_annotations(self, annotations):
         by_image = {image["id"]: [] for image in self.images}
         sizes = {image["id"]: (image["height"], image["width"]) for image in self.images}
-        for ann in annotations:
-            where = f"{self.path}: annotation {ann.get('id')}"
-            if ann["category_id"] not in self.cat_to_label:
-                raise ValueError(f"{where} has unknown category id {ann['category_id']} "
-                                 f"(known: {sorted(self.cat_to_label)})")
-            if ann["image_id"] not in by_image:
-                raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in the json")
-            rle_size = ann["segmentation"]["size"] if isinstance(ann["segmentation"], dict) else None
-            if rle_size is not None and list(rle_size) != list(sizes[ann["image_id"]]):
-                # an RLE cannot be clipped: its runs would wrap onto the wrong rows
-                raise ValueError(f"{where} has an RLE of size {list(rle_size)} (HxW), "
-                                 f"but image {ann['image_id']} is {list(sizes[ann['image_id']])}")
-            segmentation = _usable_segmentation(ann["segmentation"], *sizes[ann["image_id"]], self.notes)
+        for index, ann in enumerate(annotations):
+            if not isinstance(ann, dict):
+                raise self._error(f"annotations[{index}] is a {type(ann).__name__}, not an object")
+            where = f"annotation {ann['id']}" if "id" in ann else f"annotations[{index}] (no id)"
+            image_id = self._integer(ann, "image_id", where)
+            category_id = self._integer(ann, "category_id", where)
+            if category_id not in self.cat_to_label:
+                raise self._error(f"{where} has unknown category id {category_id} (known: {sorted(self.cat_to_label)})")
+            if image_id not in by_image:
+                raise self._error(f"{where} refers to image id {image_id}, which is not in the json")
+            height, width = sizes[image_id]
+            segmentation = _usable_segmentation(self._segmentation(ann, where, image_id, height, width), height, width,
+                                                self.notes)
             if segmentation is None:
-                self.notes["annotations skipped: degenerate polygon (under 3 points or zero area)"] += 1
+                self.notes["annotations skipped: degenerate polygon (under 3 points, odd coordinate count "
+                           "or zero area)"] += 1
                 continue
-            area = ann.get("area") or float(mask_utils.area(segmentation_rle(segmentation, *sizes[ann["image_id"]])))
-            by_image[ann["image_id"]].append(dict(ann, segmentation=segmentation, area=area))
+            area = ann.get("area")
+            if _as_number(area) is None or not area > 0:  # missing, zero or not a finite number: measure it
+                area = float(mask_utils.area(segmentation_rle(segmentation, height, width)))
+            by_image[image_id].append(dict(ann, image_id=image_id, category_id=category_id,
+                                           segmentation=segmentation, area=area))
         return by_image
+
+    def _segmentation(self, ann, where, image_id, height, width):
+        """The annotation's polygons (each a flat list of finite numbers) or RLE; a bbox-only one becomes its box."""
+        segmentation = ann.get("segmentation")
+        if segmentation is None:
+            if "bbox" not in ann:
+                raise self._error(f"{where} has neither a segmentation nor a bbox")
+            x, y, w, h = self._coordinates(ann["bbox"], where, "bbox", count=4)
+            self.notes["annotations without a segmentation painted as their bbox"] += 1
+            return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        if isinstance(segmentation, dict):
+            return self._checked_rle(segmentation, where, image_id, height, width)
+        if not isinstance(segmentation, list):
+            raise self._error(f"{where}: segmentation must be a list of polygons or an RLE object, "
+                              f"not {type(segmentation).__name__}")
+        if segmentation and all(_as_number(v) is not None for v in segmentation):
+            self.notes["flat polygons (coordinates not nested in a list) read as one polygon"] += 1
+            segmentation = [segmentation]
+        return [self._coordinates(part, where, "polygon") for part in segmentation]
+
+    def _coordinates(self, values, where, what, count=None):
+        """A list of finite numbers, or a UserError naming the first bad value (NaN, inf, a string...)."""
+        array = np.array(values) if isinstance(values, list) else None
+        if array is not None and array.ndim == 1 and array.dtype.kind in "iuf" and np.isfinite(array).all() \
+                and count in (None, len(values)):
+            return values
+        if not isinstance(values, list) or count not in (None, len(values)):
+            shape = f"{count} numbers" if count else "a list of numbers"
+            raise self._error(f"{where}: {what} must be {shape}, not {values!r:.80}")
+        bad = next(v for v in values if _as_number(v) is None)
+        raise self._error(f"{where}: {what} coordinate {bad!r:.40} is not a finite number; fix or remove this annotation")
+
+    def _checked_rle(self, rle, where, image_id, height, width):
+        size, counts = rle.get("size"), rle.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_as_integer(s) is not None for s in size)):
+            raise self._error(f"{where}: RLE size must be [height, width], not {size!r:.40}")
+        if [_as_integer(s) for s in size] != [height, width]:
+            # an RLE cannot be clipped: its runs would wrap onto the wrong rows
+            raise self._error(f"{where} has an RLE of size {list(size)} (HxW), but image {image_id} is "
+                              f"{[height, width]}")
+        if isinstance(counts, str):
+            return rle
+        if not (isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)
+                and sum(counts) == height * width):
+            raise self._error(f"{where}: RLE counts must be a string or run lengths (non-negative integers) "
+                              f"that add up to height x width = {height * width}")
+        return rle
 
     def report_notes(self):
         for note, count in sorted(self.notes.items()):
             print(f"{self.path}: {note}: {count}")
 
 
+def check_same_classes(source, classes, reference, expected):
+    """Refuse `source` unless its class list equals `reference`'s: its labels would mean other classes.
+
+    Jsons compare `Coco.classes` (ids and names); checkpoints and pseudo-labels, which keep names only, `class_names`.
+    """
+    classes, expected = list(classes), list(expected)
+    if classes != expected:
+        first = next((i for i, pair in enumerate(zip(classes, expected)) if pair[0] != pair[1]),
+                     min(len(classes), len(expected)))
+        ours, theirs = (names[first] if first < len(names) else "nothing" for names in (classes, expected))
+        raise UserError(f"the classes of {source}, {classes}, differ from those of {reference}, {expected} "
+                        f"(first difference: {ours!r} vs {theirs!r}): labels would mean different classes; "
+                        "use the same categories (names and ids)")
+
+
+def _as_number(value):
+    """A json number that is finite (int or float; not bool, not a string); None for anything else."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int too large for a float
+        return None
+
+
+def _as_integer(value):
+    """An int from a json number with an integer value (512 or 512.0); None for anything else."""
+    number = _as_number(value)
+    if number is None or number != int(number):
+        return None
+    return int(number)
+
+
 def _usable_segmentation(segmentation, height, width, notes):
-    """Drop polygon parts with fewer than 3 points or zero area; None when nothing is left."""
+    """Polygon parts that can be painted; None when nothing is left.
+
+    Parts with fewer than 3 points, an odd number of coordinates or zero area
+    are dropped and counted. Parts reaching more than one image size outside
+    the image are cut to that margin first, so rasterising them costs memory in
+    proportion to the image, not to the coordinates.
+    """
     if isinstance(segmentation, dict):
         return segmentation
     parts = []
     for part in segmentation:
-        if len(part) < 6 or len(part) % 2:
+        if len(part) % 2:
+            notes["polygon parts skipped: odd number of coordinates"] += 1
+            continue
+        if len(part) < 6:
             notes["polygon parts skipped: under 3 points"] += 1
             continue
         coords = np.asarray(part, dtype=np.float64).reshape(-1, 2)
         if _polygon_area(coords) == 0:
             notes["polygon parts skipped: zero area"] += 1
             continue
-        if coords.min() < 0 or (coords[:, 0] > width).any() or (coords[:, 1] > height).any():
+        low, high = coords.min(0), coords.max(0)
+        if low.min() < 0 or high[0] > width or high[1] > height:
             notes["polygons clipped to the image border"] += 1
+        if low[0] < -width or low[1] < -height or high[0] > 2 * width or high[1] > 2 * height:
+            coords = clip_polygon(coords, -width, -height, 2 * width, 2 * height)
+            if len(coords) < 3 or _polygon_area(coords) == 0:
+                continue  # wholly outside: paints nothing
+            part = coords.ravel().tolist()
         parts.append(part)
     return parts or None
 
 
 def _polygon_area(coords):
-    x, y = coords[:, 0], coords[:, 1]
-    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    x, y = coords[:, 0], coords[:, 1]  # shoelace formula; the last term closes the polygon
+    return 0.5 * abs(np.dot(x[1:], y[:-1]) - np.dot(y[1:], x[:-1]) + x[0] * y[-1] - y[0] * x[-1])
+
+
+def clip_polygon(coords, x_min, y_min, x_max, y_max):
+    """Sutherland-Hodgman: an N x 2 polygon cut to an axis-aligned box (exact, the box being convex)."""
+    for axis, bound, keep in ((0, x_min, np.greater_equal), (0, x_max, np.less_equal),
+                              (1, y_min, np.greater_equal), (1, y_max, np.less_equal)):
+        inside = keep(coords[:, axis], bound)
+        cut = []
+        for p, q, p_in, q_in in zip(coords, np.roll(coords, -1, 0), inside, np.roll(inside, -1)):
+            if p_in:
+                cut.append(p)
+            if p_in != q_in:  # the edge crosses the bound: interpolate from its inside end, where it is exact
+                a, b = (p, q) if p_in else (q, p)
+                cut.append(a + (bound - a[axis]) / (b[axis] - a[axis]) * (b - a))
+        coords = np.array(cut).reshape(-1, 2)
+    return coords
 
 
 def segmentation_rle(segmentation, height, width):
@@ -295,6 +490,43 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return self.masks.get(self.images[index])
 
 
+def image_overlap(train_sets, val_set):
+    """How many `val_set` images also appear in `train_sets`, by each kind of match.
+
+    Returns {"file name": n, "resolved path": n, "content": n, "same file": n}; "same
+    file" counts images that are one file (resolved path) or identical bytes. Content
+    is hashed only for files whose byte size equals a training file's: cheap, as
+    sizes rarely agree by chance. Missing files are left to the image reader.
+    """
+    def files(dataset):
+        return [(info["file_name"], os.path.realpath(dataset.coco.image_path(info))) for info in dataset.images]
+
+    train = [entry for dataset in train_sets for entry in files(dataset)]
+    names, paths = {name for name, _ in train}, {path for _, path in train}
+    by_size = collections.defaultdict(list)
+    for path in paths:
+        if os.path.isfile(path):
+            by_size[os.path.getsize(path)].append(path)
+    digests = {}
+
+    def digest(path):
+        if path not in digests:
+            with open(path, "rb") as f:
+                digests[path] = hashlib.file_digest(f, "sha1").hexdigest()
+        return digests[path]
+
+    counts = collections.Counter()
+    for name, path in files(val_set):
+        same_path = path in paths
+        same_size = by_size.get(os.path.getsize(path), []) if os.path.isfile(path) else []
+        same_bytes = any(digest(path) == digest(other) for other in same_size)
+        counts["file name"] += name in names
+        counts["resolved path"] += same_path
+        counts["content"] += same_bytes
+        counts["same file"] += same_path or same_bytes
+    return {key: counts[key] for key in ("file name", "resolved path", "content", "same file")}
+
+
 def seeded_index(key, transform):
     """Training datasets are read with `(index, augmentation seed)` keys: seed the transform, return the index."""
     index, seed = key if isinstance(key, tuple) else (key, None)
@@ -447,6 +679,7 @@ def write_subset(root, json_name, n, seed=0):
     annotations (e.g. few-label experiments: train on one, pseudo-label the other).
     """
     path = os.path.join(root, json_name)
+    Coco(path, root)  # refuses a json the training would refuse, before anything is written
     with open(path) as f:
         coco = json.load(f)
     image_ids = [image["id"] for image in coco["images"]]

@@ -111,8 +111,7 @@ def build_ensemble(paths, checkpoints, device, tta_transforms=None):
     """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
-        if checkpoint["class_names"] != class_names:
-            raise ValueError(f"{path} predicts {checkpoint['class_names']}, {paths[0]} predicts {class_names}")
+        data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
     ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints]).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
@@ -210,8 +209,7 @@ def main(args):
     mode = "val" if args.eval else "test"
     dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform())
     dataset.coco.report_notes()
-    if dataset.class_names != class_names:
-        raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names)
     # sequential order: predict() maps batch positions back to dataset.images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)

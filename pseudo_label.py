@@ -122,8 +122,7 @@ def open_source(args, class_names):
         return dataset, dataset.image_path, {"image_dir": dataset.root}
     dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform)
     dataset.coco.report_notes()
-    if dataset.class_names != class_names:
-        raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names)
     source = {"data_root": os.path.abspath(args.data_root), "json": os.path.abspath(dataset.coco.path),
               "json_hash": dataset.coco.content_hash}
     return dataset, dataset.coco.image_path, source

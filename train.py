@@ -54,6 +54,8 @@ def get_args_parser():
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
                    help="more labelled jsons for training (e.g. copy_paste.py output); images relative to each json's folder")
+    g.add_argument("--strict", action="store_true",
+                   help="refuse to train when validation images are also training images (default: warn)")
     g.add_argument("--paint-order", choices=data.PAINT_ORDERS, default="area",
                    help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
@@ -136,32 +138,44 @@ def build_datasets(args, mean, std):
     if args.fold is None:
         train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
         val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
+        data.check_same_classes(val.coco.path, val.coco.classes, train.coco.path, train.coco.classes)
     else:
         coco = data.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
         train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.fold_seed)
         train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
+    extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
+                                      "train", train_tf, **common) for path in args.extra_json]
+    for part in extra:
+        data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
+    check_no_val_images([train] + extra, val, args.strict)
     if args.copy_paste_p > 0:
         # the object bank comes from this run's own training images only
         train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
             train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
-    extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
-                                      "train", train.transform, **common) for path in args.extra_json]
-    for part in extra:
-        check_same_classes(part.coco.path, part.class_names, train.class_names)
+        for part in extra:
+            part.transform = train.transform
     for part in [train, val] + extra:
         part.coco.report_notes()
     if args.pseudo and args.pseudo_ratio > 0:
         pseudo = pseudo_label.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
-        check_same_classes(args.pseudo, pseudo.class_names, train.class_names)
+        data.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
         extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
 
 
-def check_same_classes(source, class_names, expected):
-    if list(class_names) != list(expected):
-        raise ValueError(f"{source} has classes {list(class_names)}, the training set {list(expected)}")
+def check_no_val_images(train_sets, val_set, strict):
+    """Warn (refuse with --strict) when validation images are also trained on: val scores would flatter the model."""
+    overlap = data.image_overlap(train_sets, val_set)
+    if not any(overlap.values()):
+        return
+    found = (f"validation images of {val_set.coco.path} also in the training data: {overlap['same file']} of "
+             f"{len(val_set)} are the same file or identical bytes ({overlap['resolved path']} by resolved path, "
+             f"{overlap['content']} by content), {overlap['file name']} have a training image's file name")
+    if strict and overlap["same file"]:
+        raise utils.UserError(f"{found}; remove them from one side (--strict refuses this)")
+    print(f"warning: {found}; validation scores will be too high (--strict refuses this)")
 
 
 def build_loaders(args, train_set, val_set, rank, world_size):
@@ -307,9 +321,7 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
 
 def restore(state, checkpoint, class_names, args, source="checkpoint"):
     """Continue from `checkpoint`; another class list or model is an error naming both."""
-    if checkpoint["class_names"] != list(class_names):
-        raise ValueError(f"{source} has {len(checkpoint['class_names'])} classes {checkpoint['class_names']}, "
-                         f"the dataset has {len(class_names)}: {list(class_names)}")
+    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names)
     if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
         raise ValueError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, "
                          f"this run is {args.model}/{models.resolve_encoder(args.encoder)}")
