@@ -177,7 +177,7 @@ def test_two_images_with_one_stem_are_refused(tmp_path, fake_ensemble):
 
 
 def test_missing_manifest_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run pseudo_label.py"):
+    with pytest.raises(utils.UserError, match="run pseudo_label.py"):
         pl.PseudoLabelDataset(str(tmp_path), None)
 
 
