@@ -231,8 +231,8 @@ def main(args):
         return run_oof(args)
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
-    data.require_json(args.data_root, args.json, "--json")
     ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args))
+    data.require_json(args.data_root, args.json, "--json")
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, expand_checkpoints(args.checkpoints), args.paint_order) \
         if args.eval else "area"

@@ -239,7 +239,8 @@ def test_resume_with_another_class_count_names_both(demo_root, reference):
         resume_in_process(demo_root, output, last_pt, "--train-json", train_json, "--val-json", val_json)
     theirs = ["Background"] + demo.CATEGORY_NAMES
     ours = theirs[:5]
-    assert str(err.value) == f"{last_pt} has 11 classes {theirs}, the dataset has 5: {ours}"
+    assert str(err.value) == (f"{last_pt} has 11 classes {theirs}, the dataset has 5: {ours}; resume with the run's "
+                              f"own --data-root, or drop --resume and pass another --output to start a new run")
     assert not output.exists()
 
 
