@@ -22,7 +22,7 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from pycocotools import mask as mask_utils
 
-from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png
+from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -41,6 +41,19 @@ MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on im
 
 
 # ---------------------------------------------------------------- COCO json
+def require_json(root, json_name, flag):
+    """Stop with the fix when `root/json_name` (or an absolute json_name) is missing; `flag` names the json's option."""
+    path = os.path.join(root, json_name)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isabs(json_name) and not os.path.isdir(root):
+        raise UserError(f"data root {root} does not exist: pass --data-root with the folder that holds the COCO "
+                        f"jsons and images, or leave it out for the demo set")
+    folder = os.path.dirname(os.path.abspath(path))
+    jsons = sorted(name for name in os.listdir(folder) if name.endswith(".json")) if os.path.isdir(folder) else []
+    raise UserError(f"{path} does not exist: pass {flag} with one of {jsons or 'the jsons in ' + folder}")
+
+
 class Coco:
     """A checked COCO json: images, annotations per image, and the class list.
 
@@ -250,10 +263,11 @@ class Coco:
             print(f"{self.path}: {note}: {count}")
 
 
-def check_same_classes(source, classes, reference, expected):
+def check_same_classes(source, classes, reference, expected, fix="use the same categories (names and ids)"):
     """Refuse `source` unless its class list equals `reference`'s: its labels would mean other classes.
 
     Jsons compare `Coco.classes` (ids and names); checkpoints and pseudo-labels, which keep names only, `class_names`.
+    `fix` tells the user what to do next.
     """
     classes, expected = list(classes), list(expected)
     if classes != expected:
@@ -261,8 +275,7 @@ def check_same_classes(source, classes, reference, expected):
                      min(len(classes), len(expected)))
         ours, theirs = (names[first] if first < len(names) else "nothing" for names in (classes, expected))
         raise UserError(f"the classes of {source}, {classes}, differ from those of {reference}, {expected} "
-                        f"(first difference: {ours!r} vs {theirs!r}): labels would mean different classes; "
-                        "use the same categories (names and ids)")
+                        f"(first difference: {ours!r} vs {theirs!r}): labels would mean different classes; {fix}")
 
 
 def _as_number(value):
@@ -666,7 +679,7 @@ def kfold_splits(coco, n_splits=5, seed=0):
 def fold_image_ids(coco, fold, n_splits=5, seed=0):
     """(train ids, val ids) of one fold."""
     if not 0 <= fold < n_splits:
-        raise ValueError(f"fold must be in 0..{n_splits - 1}, not {fold}")
+        raise UserError(f"--fold must be in 0..{n_splits - 1} (--n-folds {n_splits}), not {fold}")
     val_ids = kfold_splits(coco, n_splits, seed)[fold]
     val = set(val_ids)
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
@@ -684,7 +697,8 @@ def write_subset(root, json_name, n, seed=0):
         coco = json.load(f)
     image_ids = [image["id"] for image in coco["images"]]
     if not 0 < n < len(image_ids):
-        raise ValueError(f"{path} has {len(image_ids)} images; the subset size must be 1..{len(image_ids) - 1}, not {n}")
+        raise UserError(f"{path} has {len(image_ids)} images; the subset size must be 1..{len(image_ids) - 1}, not {n}: "
+                        f"pass another --n")
     chosen = set(np.random.default_rng(seed).choice(image_ids, n, replace=False).tolist())
     stem = os.path.splitext(json_name)[0]
     written = []
@@ -719,7 +733,7 @@ def summarise(root, json_name, paint_order="area"):
         print(f"{name:<16}{anns.get(cat_id, 0) if label else '-':>12}{pixels[label] / pixels.sum():>13.4f}")
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-demo", help="build the synthetic demo dataset")
@@ -738,7 +752,10 @@ def main():
     subset.add_argument("--json", default="train.json", help="json file, relative to the root")
     subset.add_argument("--n", type=int, required=True, help="images in the subset")
     subset.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     if args.command == "make-demo":
         from demo import make_demo
 
@@ -748,6 +765,7 @@ def main():
         return
     if args.root == DEFAULT_DATA_ROOT:
         ensure_demo(args.root)
+    require_json(args.root, args.json, "--json")
     if args.command == "subset":
         print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))
     else:
@@ -755,4 +773,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, get_args_parser())

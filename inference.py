@@ -49,6 +49,8 @@ def get_args_parser():
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
+    p.add_argument("--paint-order", choices=data.PAINT_ORDERS, default=None,
+                   help="overlap rule of the ground truth for --eval and --oof (default: the checkpoints' training's)")
     p.add_argument("--save-masks", default=None, help="folder for paletted PNG label maps")
     p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels")
     return p
@@ -68,6 +70,7 @@ class Member(torch.nn.Module):
                                   **checkpoint["model_kwargs"])
         net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
+        self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
         self.probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
         if tta_transforms is not None:
             self.probs = tta.SegmentationTTAWrapper(self.probs, tta_transforms, merge_mode="mean")
@@ -96,7 +99,8 @@ def expand_checkpoints(patterns):
             paths.append(os.path.join(match, "best.pt") if os.path.isdir(match) else match)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
+        raise utils.UserError(f"no checkpoint at {', '.join(missing)}: train first (python train.py --output "
+                              f"runs/NAME), or pass --checkpoints with checkpoint files, run folders or globs")
     return paths
 
 
@@ -124,6 +128,21 @@ class Ensemble(torch.nn.Module):
 
     def forward(self, images):
         return torch.stack([m(images) for m in self.members]).mean(0)
+
+
+def eval_paint_order(ensemble, paths, override=None):
+    """The overlap rule to paint the ground truth with: --paint-order, else the members' training's.
+
+    Members trained with different rules are named, and the first one's rule is used.
+    """
+    if override:
+        return override
+    orders = [member.paint_order for member in ensemble.members]
+    if len(set(orders)) > 1:
+        print("warning: the ensemble's members were trained with different paint orders ("
+              + ", ".join(f"{path}: {order}" for path, order in zip(paths, orders))
+              + f"); the ground truth is painted with {orders[0]}; choose with --paint-order")
+    return orders[0]
 
 
 def build_tta(args):
@@ -170,7 +189,7 @@ def save_outputs(args, info, image_path, mask, num_classes):
 def run_oof(args):
     """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
     transforms = build_tta(args)
-    confusion, split, seen = None, None, {}
+    confusion, split, seen, first_order = None, None, {}, None
     for path in expand_checkpoints([args.oof]):
         checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS + ("args",))
         run = checkpoint["args"]
@@ -185,8 +204,13 @@ def run_oof(args):
         ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms)
         coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
         _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
+        paint_order = eval_paint_order(ensemble, [path], args.paint_order)
+        first_order = first_order or paint_order
+        if paint_order != first_order:
+            print(f"warning: fold {run['fold']} paints the ground truth with {paint_order}, an earlier fold "
+                  f"with {first_order}: the folds were trained differently; choose one with --paint-order")
         dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", unit_range_transform(),
-                                           paint_order=run["paint_order"], image_ids=val_ids)
+                                           paint_order=paint_order, image_ids=val_ids)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
         for index, prob in predict(ensemble, loader, args.device, args.amp):
@@ -206,10 +230,15 @@ def main(args):
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
     ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args))
+    data.require_json(args.data_root, args.json, "--json")
     mode = "val" if args.eval else "test"
-    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform())
+    paint_order = eval_paint_order(ensemble, expand_checkpoints(args.checkpoints), args.paint_order) \
+        if args.eval else "area"
+    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform(),
+                                       paint_order=paint_order)
     dataset.coco.report_notes()
-    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names)
+    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
+                            fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     # sequential order: predict() maps batch positions back to dataset.images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
@@ -231,4 +260,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser())

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -28,7 +29,8 @@ import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
-RESUME_FREE_ARGS = ("resume", "output", "workers", "val_every", "save_every_steps", "cache_dir")
+RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir")
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "args.json", "tb")  # what a run writes in its folder
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
 
@@ -109,6 +111,9 @@ def get_args_parser():
     g.add_argument("--output", default=None, help="run folder (default: runs/MODEL-ENCODER[-foldK])")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: the run folder's last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a checkpoint: its run files "
+                        f"({', '.join(RUN_FILES)}) are deleted first")
     g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
@@ -144,8 +149,7 @@ def build_datasets(args, mean, std):
         train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.fold_seed)
         train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
-    extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
-                                      "train", train_tf, **common) for path in args.extra_json]
+    extra = [extra_dataset(path, val, train_tf, common) for path in args.extra_json]
     for part in extra:
         data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
     check_no_val_images([train] + extra, val, args.strict)
@@ -163,6 +167,24 @@ def build_datasets(args, mean, std):
         extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
+
+
+def extra_dataset(path, val, transform, common):
+    """An --extra-json set, less the copy-paste images that show this run's validation images."""
+    path = os.path.abspath(path)
+    keep = copy_paste.images_not_from(path, val)
+    return data.SegmentationDataset(os.path.dirname(path), path, "train", transform, image_ids=keep, **common)
+
+
+def check_jsons(args):
+    """Stop with the flag to fix when a json this run reads is missing."""
+    if args.fold is None:
+        data.require_json(args.data_root, args.train_json, "--train-json")
+        data.require_json(args.data_root, args.val_json, "--val-json")
+    else:
+        data.require_json(args.data_root, args.all_json, "--all-json")
+    for path in args.extra_json:
+        data.require_json(args.data_root, os.path.abspath(path), "--extra-json")
 
 
 def check_no_val_images(train_sets, val_set, strict):
@@ -203,7 +225,8 @@ def resolve_class_weights(spec, train_set, num_classes):
         return losses.auto_class_weights(torch.as_tensor(data.pixel_counts(train_set)))
     weights = [float(w) for w in spec.split(",")]
     if len(weights) != num_classes:
-        raise ValueError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes")
+        raise utils.UserError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes "
+                              f"{train_set.class_names}: pass one weight per class, or --class-weights auto")
     return torch.tensor(weights)
 
 
@@ -321,10 +344,12 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
 
 def restore(state, checkpoint, class_names, args, source="checkpoint"):
     """Continue from `checkpoint`; another class list or model is an error naming both."""
-    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names)
+    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
+                            fix="resume with the run's own --data-root, or drop --resume and pass another --output")
     if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
-        raise ValueError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, "
-                         f"this run is {args.model}/{models.resolve_encoder(args.encoder)}")
+        raise utils.UserError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, this run is "
+                              f"{args.model}/{models.resolve_encoder(args.encoder)}: resume with the run's own "
+                              f"--model and --encoder")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
         state[key].load_state_dict(checkpoint[key])
@@ -422,10 +447,47 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
     }
 
 
+def claim_output(args, rank, world_size):
+    """Stop before anything is built when a new run would replace a run's checkpoints unasked.
+
+    Rank 0 looks at the folder (checkpoints live on its disk) and every rank stops with its verdict.
+    With --overwrite, rank 0 deletes the old run's files so the folder holds the new run alone.
+    """
+    verdict = [output_refusal(args) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise utils.UserError(verdict[0])
+    if args.overwrite and rank == 0:
+        for name in RUN_FILES:
+            path = os.path.join(args.output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
+def output_refusal(args):
+    """Why this run may not start in args.output, or None."""
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --output and --overwrite deletes it: pass one of them"
+    held = [name for name in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.output, name))]
+    if held and not args.resume and not args.overwrite:
+        return (f"the run folder {args.output} already holds a run ({', '.join(held)}), so nothing was started. "
+                f"Continue it with --resume, replace it with --overwrite, or pass another --output")
+    if args.resume == "auto" and "last.pt" not in held:
+        return f"--resume: {args.output} holds no last.pt to continue; drop --resume to start a new run there"
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        return f"--resume {args.resume}: no such checkpoint; pass a last.pt path, or --resume alone for {args.output}"
+    return None
+
+
 def main(args):
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"
+    args.output = args.output or default_output(args)
+    claim_output(args, rank, world_size)
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not args.deterministic
@@ -433,7 +495,7 @@ def main(args):
         data.ensure_demo(args.data_root)
     if world_size > 1:
         dist.barrier()
-    args.output = args.output or default_output(args)
+    check_jsons(args)
     mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
     train_set, train_mix, val_set = build_datasets(args, mean, std)
     class_names = train_set.class_names
@@ -509,4 +571,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser())

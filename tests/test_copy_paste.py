@@ -168,7 +168,7 @@ def test_offline_json_decodes_to_the_masks_it_was_built_with(tmp_path):
     assert written.coco.categories == source.coco.categories and len(written) == 6
     pasted_classes = set()
     for index, info in enumerate(written.images):
-        image, labels, _, _ = cp.synthesize(source, paster, index, seed=1)
+        image, labels, _, _, _ = cp.synthesize(source, paster, index, seed=1)
         assert np.array_equal(written.label_mask(index), labels)
         assert data.read_image(written.coco.image_path(info)).shape == image.shape
         regions = [data.decode_annotation(ann, *labels.shape) for ann in written.coco.anns_by_image[info["id"]]]

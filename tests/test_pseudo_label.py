@@ -177,7 +177,7 @@ def test_two_images_with_one_stem_are_refused(tmp_path, fake_ensemble):
 
 
 def test_missing_manifest_names_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run pseudo_label.py"):
+    with pytest.raises(utils.UserError, match="run pseudo_label.py"):
         pl.PseudoLabelDataset(str(tmp_path), None)
 
 
@@ -226,7 +226,8 @@ def test_train_pseudo_label_retrain_end_to_end(tmp_path):
     train.main(train.get_args_parser().parse_args(common + ["--output", str(tmp_path / "run")]))
 
     out = str(tmp_path / "pseudo")
-    manifest = run("--checkpoints", str(tmp_path / "run"), "--data-root", root, "--threshold", "0.2", "--out", out)
+    manifest = run("--checkpoints", str(tmp_path / "run"), "--data-root", root, "--threshold", "0.2", "--out", out,
+                   "--allow-low-keep")  # a one-epoch teacher is rarely sure
     test_images = data.Coco(os.path.join(root, "test.json"), root).images
     assert [i["image_id"] for i in manifest["items"]] == [image["id"] for image in test_images]
     for item in manifest["items"]:
