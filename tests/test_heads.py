@@ -289,6 +289,11 @@ def test_train_one_epoch_and_restore_the_model_options(demo_root, tmp_path, mode
     member = inference.Member(saved)  # rebuilt from model_kwargs alone; load_state_dict is strict
     with torch.no_grad():
         assert member(torch.rand(1, 3, 48, 80)).shape == (1, 11, 48, 80)
+    csv = tmp_path / "submission.csv"
+    inference.main(inference.get_args_parser().parse_args([
+        "--checkpoints", str(output), "--data-root", str(demo_root), "--workers", "0", "--device", "cpu",
+        "--vote", "hard", "--output", str(csv)]))
+    assert len(utils.read_submission(csv, 11)) == 1
     net = member.probs.net
     if "deep_supervision" in model_kwargs:
         assert net.aux_weights == (0.5, 0.5, 0.5)
