@@ -53,6 +53,9 @@ def get_args_parser():
                    help="overlap rule of the ground truth for --eval and --oof (default: the checkpoints' training's)")
     p.add_argument("--save-masks", default=None, help="folder for paletted PNG label maps")
     p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels")
+    p.add_argument("--vote", choices=VOTES, default="soft",
+                   help="ensemble vote: soft averages probabilities; hard takes each pixel's majority class "
+                        "(ties go to the highest mean probability)")
     return p
 
 
@@ -104,30 +107,48 @@ def expand_checkpoints(patterns):
     return paths
 
 
-def load_ensemble(patterns, device, tta_transforms=None):
-    """(model averaging all members' probabilities, class names)."""
+def load_ensemble(patterns, device, tta_transforms=None, vote="soft"):
+    """(model combining all members' probabilities by `vote`, class names)."""
     paths = expand_checkpoints(patterns)
     checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
-    return build_ensemble(paths, checkpoints, device, tta_transforms)
+    return build_ensemble(paths, checkpoints, device, tta_transforms, vote)
 
 
-def build_ensemble(paths, checkpoints, device, tta_transforms=None):
+def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft"):
     """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
-    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints]).to(device).eval()
+    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints], vote).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
 
 
+VOTES = ("soft", "hard")
+
+
 class Ensemble(torch.nn.Module):
-    def __init__(self, members):
+    """Members' class probabilities combined per pixel: averaged (soft vote) or by majority (hard vote).
+
+    The hard vote returns (votes + mean probability) / (members + 1): still a distribution over
+    the classes, whose argmax is the majority class, ties going to the highest mean probability
+    (vote counts differ by whole numbers, mean probabilities by less than 1).
+    """
+
+    def __init__(self, members, vote="soft"):
         super().__init__()
+        if vote not in VOTES:
+            raise ValueError(f"unknown vote {vote!r}; use one of {', '.join(VOTES)}")
         self.members = torch.nn.ModuleList(members)
+        self.vote = vote
 
     def forward(self, images):
-        return torch.stack([m(images) for m in self.members]).mean(0)
+        probs = torch.stack([m(images) for m in self.members])
+        mean = probs.mean(0)
+        if self.vote == "soft":
+            return mean
+        votes = F.one_hot(probs.argmax(2), probs.shape[2]).sum(0).movedim(-1, 1)
+        return (votes + mean) / (len(self.members) + 1)
 
 
 def eval_paint_order(ensemble, paths, override=None):
@@ -229,7 +250,7 @@ def main(args):
         return run_oof(args)
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
-    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args))
+    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args), args.vote)
     data.require_json(args.data_root, args.json, "--json")
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, expand_checkpoints(args.checkpoints), args.paint_order) \

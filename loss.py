@@ -157,6 +157,29 @@ class WeightedSumLoss(nn.Module):
         return sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
 
 
+class AuxiliaryLoss(nn.Module):
+    """`loss` of the main logits plus weighted `loss` of the auxiliary outputs.
+
+    Models with auxiliary heads (UperNet's FCN head, UNet++ deep supervision) return
+    [logits, aux_1, ...] in train mode and the logits alone in eval mode, which get the
+    main loss alone; `aux_weights` is the model's own list, one weight per aux output.
+    """
+
+    def __init__(self, loss, aux_weights=()):
+        super().__init__()
+        self.loss = loss
+        self.aux_weights = tuple(aux_weights)
+
+    def forward(self, outputs, target):
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        logits, *aux = outputs
+        if len(aux) != len(self.aux_weights):
+            raise ValueError(f"the model returned {len(aux)} auxiliary outputs, the loss has "
+                             f"{len(self.aux_weights)} weights for them")
+        return self.loss(logits, target) + sum(w * self.loss(a, target) for w, a in zip(self.aux_weights, aux))
+
+
 def parse_loss_spec(spec):
     """'ce:1,dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; a name without ':weight' has weight 1."""
     valid = f"valid names: {', '.join(LOSS_NAMES)}; write e.g. 'ce:1,dice:0.5'"

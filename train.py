@@ -80,6 +80,14 @@ def get_args_parser():
                    help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
     g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
+    g.add_argument("--decoder-channels", type=positive_int, nargs="+", default=None,
+                   help="decoder width: one number (deeplabv3p, upernet, segformer) or five (unetpp, unet)")
+    g.add_argument("--aux-weight", type=float, default=None,
+                   help="loss weight of the auxiliary outputs: upernet's FCN head (default 0.4, 0 removes it), "
+                        "unetpp's --deep-supervision heads (default 1)")
+    g.add_argument("--deep-supervision", action="store_true",
+                   help="unetpp: train 1x1 heads on the nested nodes too (the UNet++ paper's deep supervision)")
+    g.add_argument("--attention", choices=("scse",), default=None, help="unetpp/unet: scSE attention in the decoder")
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", default="ce:1,dice:0.5",
                    help=f"weighted loss terms NAME:WEIGHT,... from {', '.join(losses.LOSS_NAMES)}")
@@ -327,10 +335,22 @@ def unwrap(model):
     return model
 
 
+def model_options(args):
+    """The model options set on the command line, as create_model keywords (the checkpoint's model_kwargs)."""
+    channels = args.decoder_channels
+    options = {
+        "decoder_channels": channels[0] if channels and len(channels) == 1 else channels,
+        "aux_weight": args.aux_weight,
+        "deep_supervision": args.deep_supervision or None,
+        "attention": args.attention,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
     model = unwrap(state["model"])
     return {
-        "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": {},
+        "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": model_options(args),
         "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
         "mean": list(mean), "std": list(std), "args": vars(args),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
@@ -350,6 +370,9 @@ def restore(state, checkpoint, class_names, args, source="checkpoint"):
         raise utils.UserError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, this run is "
                               f"{args.model}/{models.resolve_encoder(args.encoder)}: resume with the run's own "
                               f"--model and --encoder")
+    if checkpoint["model_kwargs"] != model_options(args):
+        raise utils.UserError(f"{source} has model options {checkpoint['model_kwargs']}, this run "
+                              f"{model_options(args)}: resume with the run's own model flags")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
         state[key].load_state_dict(checkpoint[key])
@@ -416,7 +439,7 @@ def default_output(args):
 
 def build_model(args, num_classes, local_rank, world_size):
     model = models.create_model(args.model, models.resolve_encoder(args.encoder), num_classes,
-                                pretrained=args.pretrained, weights=args.weights)
+                                pretrained=args.pretrained, weights=args.weights, **model_options(args))
     if args.sync_bn and world_size > 1:
         if not args.device.startswith("cuda"):
             raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
@@ -441,9 +464,11 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
             cycle_steps=round(args.cycle_epochs * steps_per_epoch) if args.cycle_epochs else None,
             cycle_mult=args.cycle_mult, cycle_decay=args.cycle_decay),
         "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
-        "criterion": losses.build_loss(args.loss, num_classes,
-                                       class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
-                                       label_smoothing=args.label_smoothing).to(args.device),
+        "criterion": losses.AuxiliaryLoss(
+            losses.build_loss(args.loss, num_classes,
+                              class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
+                              label_smoothing=args.label_smoothing),
+            unwrap(model).aux_weights).to(args.device),
     }
 
 
