@@ -57,7 +57,7 @@ def decode_upload(data, max_pixels):
                 raise BadUpload(413, f"the image is {image.width}x{image.height} = {image.width * image.height} "
                                      f"pixels, more than the limit of {max_pixels} (--max-pixels): send a smaller one")
             image.load()  # decodes now, so a truncated file fails here
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
     except UnidentifiedImageError:
         raise BadUpload(400, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
@@ -193,11 +193,11 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-#drop { border: 2px dashed #888; border-radius: 8px; padding: 1.5em; text-align: center; cursor: pointer; }
+#drop { display: block; max-width: 40em; border: 2px dashed #888; border-radius: 8px; padding: 1.5em; text-align: center; cursor: pointer; }
 #drop.over { background: #eef; }
 #result { display: none; margin-top: 1em; gap: 2em; flex-wrap: wrap; }
-#stage { position: relative; max-width: 70vw; }
-#stage img, #stage canvas { display: block; max-width: 100%; height: auto; }
+#stage { position: relative; width: min(70vw, 640px); }
+#stage img { display: block; width: 100%; height: auto; }
 #overlay { position: absolute; left: 0; top: 0; width: 100%; height: 100%; }
 #legend { list-style: none; padding: 0; }
 #legend li { margin: .3em 0; }
