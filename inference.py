@@ -6,11 +6,13 @@
     python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
 
 Each checkpoint describes itself (model, encoder, classes, image size,
-normalisation), so nothing else is needed. Softmax probabilities are averaged
+normalisation), so nothing else is needed. ONNX files written by export.py work
+wherever a checkpoint does (run with onnxruntime; ensembles may mix both). Softmax probabilities are averaged
 over test-time augmentations and over checkpoints.
 """
 import argparse
 import glob
+import json
 import os
 
 import albumentations as A
@@ -30,7 +32,8 @@ import utils
 def add_ensemble_args(p):
     """Flags shared by the scripts that predict with an ensemble (this one and pseudo_label.py)."""
     p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
-                   help="checkpoint files, run folders (their best.pt) or globs; probabilities are averaged")
+                   help="checkpoint files, run folders (their best.pt), ONNX files from export.py or globs; "
+                        "probabilities are averaged")
     p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
@@ -74,13 +77,18 @@ class Member(torch.nn.Module):
         net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
         self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
-        self.probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
-        if tta_transforms is not None:
-            self.probs = tta.SegmentationTTAWrapper(self.probs, tta_transforms, merge_mode="mean")
+        probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
+        self.probs = with_tta(probs, tta_transforms)
 
     def forward(self, images):
         x = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return F.interpolate(self.probs(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def with_tta(probs, tta_transforms):
+    if tta_transforms is None:
+        return probs
+    return tta.SegmentationTTAWrapper(probs, tta_transforms, merge_mode="mean")
 
 
 class NormalisedSoftmax(torch.nn.Module):
@@ -92,6 +100,76 @@ class NormalisedSoftmax(torch.nn.Module):
 
     def forward(self, x):
         return self.net((x - self.mean) / self.std).float().softmax(1)
+
+
+class OnnxMember(Member):
+    """An ONNX file from export.py run by onnxruntime, with Member's interface.
+
+    Images are resized to the export size and rounded to uint8, the model's input type.
+    """
+
+    def __init__(self, description, tta_transforms=None):
+        torch.nn.Module.__init__(self)
+        path = description["path"]
+        if description["output"] != "probabilities":
+            raise utils.UserError(f"{path} outputs {description['output']}, not probabilities: export it "
+                                  f"again without --labels to predict with it here")
+        if tta_transforms is not None and any(isinstance(t, tta.Scale) for t in tta_transforms.aug_transforms):
+            raise utils.UserError(f"{path} takes {description['input_size']} inputs only, so --tta-scales "
+                                  f"cannot run on it: use --tta without scales, or the checkpoint")
+        height, width = description["input_size"]
+        if height != width:
+            raise utils.UserError(f"{path} takes {height}x{width} inputs; export.py writes square ones: export again")
+        self.size = height
+        self.paint_order = description["paint_order"]
+        self.probs = with_tta(OnnxProbabilities(description["session"]), tta_transforms)
+
+
+class OnnxProbabilities(torch.nn.Module):
+    """[0, 1] float images at the export size -> the ONNX model's probabilities, on the images' device."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x):
+        images = (x.float() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        probs = self.session.run(None, {self.input_name: images})[0]
+        return torch.from_numpy(probs).to(x.device)
+
+
+def onnx_metadata(description):
+    """A model description as ONNX metadata: one entry per field, its value as JSON."""
+    return {key: json.dumps(value) for key, value in description.items()}
+
+
+def open_onnx(path, device="cpu"):
+    """An onnxruntime session for an export.py file and its description (+ "path" and "session")."""
+    import onnxruntime as ort  # only ONNX files need it
+
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(path, providers=providers)
+    except Exception as err:  # onnxruntime raises its own types for truncated or foreign files
+        raise utils.UserError(f"{path} cannot be loaded by onnxruntime (truncated or not an ONNX model): "
+                              f"{err}") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("class_names", "input_size", "output") if key not in metadata]
+    if missing:
+        raise utils.UserError(f"{path} lacks the metadata {missing}: it was not written by export.py; export "
+                              f"the checkpoint with export.py")
+    description = {key: json.loads(value) for key, value in metadata.items()}
+    return {**description, "path": path, "session": session}
+
+
+def load_model_file(path, device="cpu"):
+    """A checkpoint, or the description of an ONNX file (Member or OnnxMember takes either)."""
+    if path.lower().endswith(".onnx"):
+        return open_onnx(path, device)
+    return utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
 
 
 def expand_checkpoints(patterns):
@@ -110,16 +188,17 @@ def expand_checkpoints(patterns):
 def load_ensemble(patterns, device, tta_transforms=None, vote="soft"):
     """(model combining all members' probabilities by `vote`, class names)."""
     paths = expand_checkpoints(patterns)
-    checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
+    checkpoints = [load_model_file(p, device) for p in paths]
     return build_ensemble(paths, checkpoints, device, tta_transforms, vote)
 
 
 def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft"):
-    """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
+    """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
-    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints], vote).to(device).eval()
+    members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
+    ensemble = Ensemble(members, vote).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
 
