@@ -158,7 +158,7 @@ def log_x_axis(ax):
 
 
 def heatmap(fig, ax, values, texts, row_names, col_names, title, xlabel, ylabel, colour_label, vmax=None):
-    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax, aspect="auto")
     fig.colorbar(image, ax=ax, label=colour_label, shrink=0.8)
     ax.set_xticks(range(len(col_names)), labels=col_names, rotation=45, ha="right")
     ax.set_yticks(range(len(row_names)), labels=row_names)
@@ -299,7 +299,8 @@ def write_dataset_report(dataset, folder, fold=None, n_folds=5, fold_seed=0, sam
                        "The split train.py --fold uses: images stratified by their rarest class. Even colours in a "
                        "column mean the class is spread evenly over the folds.")
         report.add_figure("folds", fold_balance_figure(stats["folds"], names, fold),
-                          f"Fold {fold} is the val fold of --fold {fold}; the others are its training images.")
+                          f"Colour: share of each class's annotations in the fold; number: its annotations. Fold {fold} is "
+                          f"the val fold of --fold {fold}; the others are its training images.")
 
     indices = sample_image_indices(dataset, stats["labels_per_image"], stats["annotations_per_class"], samples)
     report.section("Samples", "Images with their masks overlaid: one for every class (rarest first), "
@@ -314,9 +315,8 @@ def fold_balance_figure(folds, names, val_fold):
     counts = np.array([f["annotations_per_class"][1:] for f in folds])
     shares = counts / np.maximum(counts.sum(0, keepdims=True), 1)
     rows = [f"fold {k}{' (val)' if k == val_fold else ''}: {f['images']} images" for k, f in enumerate(folds)]
-    fig = new_figure(12, 0.5 * len(folds) + 3)
-    heatmap(fig, fig.subplots(), shares, np.vectorize(str)(counts), rows, names[1:],
-            "Per-fold class balance (colour: share of the class's annotations; text: annotations)",
+    fig = new_figure(min(12, 0.8 * len(names) + 5), 0.5 * len(folds) + 3)
+    heatmap(fig, fig.subplots(), shares, np.vectorize(str)(counts), rows, names[1:], "Per-fold class balance",
             "class", "fold", "share of the class's annotations", vmax=1)
     return fig
 
