@@ -217,7 +217,8 @@ def run_oof(args):
             fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
             if accumulator is not None:
                 info = dataset.images[index]
-                accumulator.add(info, dataset.label_mask(index), prob.argmax(0).cpu().numpy(), dataset.coco.image_path(info))
+                accumulator.add(info, dataset.label_mask(index), prob.argmax(0).cpu().numpy(),
+                                dataset.coco.image_path(info))
         print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
         confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
     missing = sorted(set(range(run["n_folds"])) - set(seen))

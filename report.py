@@ -69,7 +69,8 @@ class Report:
 
     def _html(self):
         e = html.escape
-        parts = [f"<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{e(self.title)}</title>",
+        parts = ["<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">",
+                 f"<title>{e(self.title)}</title>",
                  f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{e(self.title)}</h1>"]
         if self.subtitle:
             parts.append(f"<p>{e(self.subtitle)}</p>")
@@ -211,8 +212,7 @@ def dataset_statistics(dataset, n_folds=None, fold_seed=0):
         "labels_per_image": labels_per_image,
     }
     if n_folds is not None:
-        stats["folds"] = [_fold_counts(coco, fold_ids, labels_per_image)
-                          for fold_ids in data.kfold_splits(coco, n_folds, fold_seed)]
+        stats["folds"] = [_fold_counts(coco, fold_ids) for fold_ids in data.kfold_splits(coco, n_folds, fold_seed)]
     return stats, area_shares
 
 
@@ -221,7 +221,7 @@ def _quantiles(values):
     return {"count": len(values), "min": low, "q1": q1, "median": median, "q3": q3, "max": high}
 
 
-def _fold_counts(coco, image_ids, labels_per_image):
+def _fold_counts(coco, image_ids):
     annotations = np.zeros(coco.num_classes, dtype=np.int64)
     for image_id in image_ids:
         np.add.at(annotations, [coco.cat_to_label[a["category_id"]] for a in coco.anns_by_image[image_id]], 1)
@@ -244,27 +244,54 @@ def sample_image_indices(dataset, labels_per_image, annotations_per_class, count
 def write_dataset_report(dataset, folder, fold=None, n_folds=5, fold_seed=0, samples=12):
     """Charts of a labelled dataset; `fold` adds the per-fold class balance of that k-fold split."""
     stats, area_shares = dataset_statistics(dataset, n_folds if fold is not None else None, fold_seed)
-    names, num_classes = stats["class_names"], len(stats["class_names"])
-    foreground = list(range(1, num_classes))
+    names = stats["class_names"]
     report = Report(folder, f"Dataset report: {stats['json']}",
                     f"{stats['images']} images in {dataset.coco.root}, {sum(stats['annotations_per_class'])} "
-                    f"annotations, {num_classes - 1} classes.")
+                    f"annotations, {len(names) - 1} classes.")
     report.section("Classes", "Annotations count objects; pixels count mask labels after painting "
                    "(overlaps hide pixels of the objects underneath). Log scales: rare classes stay visible.")
-    fig = new_figure(12, 0.35 * num_classes + 1.5)
-    axes = fig.subplots(1, 2)
-    class_bars(axes[0], names, foreground, stats["annotations_per_class"][1:], "Annotations per class",
-               "annotations (log scale)", log=True)
-    class_bars(axes[1], names, list(range(num_classes)), stats["pixels_per_class"], "Pixels per class",
-               "pixels (log scale)", log=True)
-    report.add_figure("class_counts", fig, "Annotations (left) and mask pixels (right) per class.")
+    report.add_figure("class_counts", class_counts_figure(stats),
+                      "Annotations (left) and mask pixels (right) per class.")
     pixels_total = max(sum(stats["pixels_per_class"]), 1)
     report.add_table(["class", "annotations", "pixels", "pixel share", "images with it"],
                      [[names[c], stats["annotations_per_class"][c] if c else "-", stats["pixels_per_class"][c],
                        f"{stats['pixels_per_class'][c] / pixels_total:.4f}", stats["cooccurrence"][c][c] if c else "-"]
-                      for c in range(num_classes)])
-
+                      for c in range(len(names))])
     report.section("Images")
+    report.add_figure("images", images_figure(stats), "How many objects each image holds, and the image sizes.")
+    report.add_figure("classes_in_images", classes_in_images_figure(stats, area_shares),
+                      "Left: images in which two classes appear together (diagonal: images holding the class). "
+                      "Right: object areas per class (box: quartiles; whiskers: 1.5 IQR).")
+
+    if "folds" in stats:
+        report.section(f"Folds ({n_folds}-fold split, seed {fold_seed})",
+                       "The split train.py --fold uses: images stratified by their rarest class. Even colours in a "
+                       "column mean the class is spread evenly over the folds.")
+        report.add_figure("folds", fold_balance_figure(stats["folds"], names, fold),
+                          "Colour: share of each class's annotations in the fold; number: its annotations. "
+                          f"Fold {fold} is the val fold of --fold {fold}; the others are its training images.")
+
+    indices = sample_image_indices(dataset, stats["labels_per_image"], stats["annotations_per_class"], samples)
+    report.section("Samples", "Images with their masks overlaid: one for every class (rarest first), "
+                   "then random ones.")
+    report.add_figure("samples", sample_grid(dataset, indices), "Each title: file name and the classes in the image.")
+    stats["samples"] = [dataset.images[i]["file_name"] for i in indices]
+    stats["labels_per_image"] = {str(k): v for k, v in stats["labels_per_image"].items()}
+    return report.write(stats)
+
+
+def class_counts_figure(stats):
+    names = stats["class_names"]
+    fig = new_figure(12, 0.35 * len(names) + 1.5)
+    axes = fig.subplots(1, 2)
+    class_bars(axes[0], names, list(range(1, len(names))), stats["annotations_per_class"][1:],
+               "Annotations per class", "annotations (log scale)", log=True)
+    class_bars(axes[1], names, list(range(len(names))), stats["pixels_per_class"], "Pixels per class",
+               "pixels (log scale)", log=True)
+    return fig
+
+
+def images_figure(stats):
     fig = new_figure(12, 4)
     axes = fig.subplots(1, 2)
     counts = stats["objects_per_image"]
@@ -276,39 +303,25 @@ def write_dataset_report(dataset, folder, fold=None, n_folds=5, fold_seed=0, sam
     for w, h, k in zip(widths, heights, n):
         axes[1].annotate(str(k), (w, h), ha="center", va="center", fontsize=8)
     axes[1].set(title="Image sizes (number: images of that size)", xlabel="width (pixels)", ylabel="height (pixels)")
-    report.add_figure("images", fig, "How many objects each image holds, and the image sizes.")
+    return fig
 
-    fig = new_figure(12, 0.3 * num_classes + 5)
+
+def classes_in_images_figure(stats, area_shares):
+    names = stats["class_names"]
+    fig = new_figure(12, 0.3 * len(names) + 5)
     axes = fig.subplots(1, 2)
     cooccurrence = np.array(stats["cooccurrence"])[1:, 1:]
     heatmap(fig, axes[0], cooccurrence, np.vectorize(str)(cooccurrence), names[1:], names[1:],
             "Class co-occurrence", "class", "class", "images holding both classes")
-    present = [c for c in foreground if area_shares[c]]
+    present = [c for c in range(1, len(names)) if area_shares[c]]
     box = axes[1].boxplot([area_shares[c] for c in present], orientation="horizontal",
                           tick_labels=[names[c] for c in present], patch_artist=True)
     for patch, c in zip(box["boxes"], present):
-        patch.set_facecolor(class_colours(num_classes)[c])
+        patch.set_facecolor(class_colours(len(names))[c])
     axes[1].invert_yaxis()
     log_x_axis(axes[1])
     axes[1].set(title="Object size per class", xlabel="object area, % of its image (log scale)", ylabel="class")
-    report.add_figure("classes_in_images", fig, "Left: images in which two classes appear together (diagonal: "
-                      "images holding the class). Right: object areas per class (box: quartiles; whiskers: 1.5 IQR).")
-
-    if "folds" in stats:
-        report.section(f"Folds ({n_folds}-fold split, seed {fold_seed})",
-                       "The split train.py --fold uses: images stratified by their rarest class. Even colours in a "
-                       "column mean the class is spread evenly over the folds.")
-        report.add_figure("folds", fold_balance_figure(stats["folds"], names, fold),
-                          f"Colour: share of each class's annotations in the fold; number: its annotations. Fold {fold} is "
-                          f"the val fold of --fold {fold}; the others are its training images.")
-
-    indices = sample_image_indices(dataset, stats["labels_per_image"], stats["annotations_per_class"], samples)
-    report.section("Samples", "Images with their masks overlaid: one for every class (rarest first), "
-                   "then random ones.")
-    report.add_figure("samples", sample_grid(dataset, indices), "Each title: file name and the classes in the image.")
-    stats["samples"] = [dataset.images[i]["file_name"] for i in indices]
-    stats["labels_per_image"] = {str(k): v for k, v in stats["labels_per_image"].items()}
-    return report.write(stats)
+    return fig
 
 
 def fold_balance_figure(folds, names, val_fold):
@@ -405,19 +418,10 @@ class EvalReport:
         report.add_figure("confusion", confusion_figure(np.array(numbers["confusion"]), names),
                           "Row-normalised confusion matrix over all pixels (ignored pixels left out).")
         report.add_table(["ground truth", "predicted as", "pixels", "share of the class's pixels"],
-                         [[p["true"], p["predicted"], p["pixels"], f"{p['share']:.4f}"] for p in numbers["most_confused"]])
+                         [[p["true"], p["predicted"], p["pixels"], f"{p['share']:.4f}"]
+                          for p in numbers["most_confused"]])
         report.section("Scores")
-        fig = new_figure(12, 0.35 * len(names) + 1.5)
-        axes = fig.subplots(1, 2)
-        iou = [as_number(v) for v in numbers["iou"]]
-        class_bars(axes[0], names, list(range(len(names))), iou, f"IoU per class (mIoU {numbers['miou']:.4f})", "IoU")
-        axes[0].axvline(numbers["miou"], color="0.3", linestyle="--", label="mIoU")
-        axes[0].set_xlim(0, 1.15)
-        axes[0].legend(loc="lower right")
-        histogram = numbers["per_image_miou_histogram"]
-        axes[1].stairs(histogram["images"], histogram["edges"], fill=True, color="0.6")
-        axes[1].set(title="Per-image mIoU", xlabel="mIoU of one image", ylabel="images", xlim=(0, 1))
-        report.add_figure("scores", fig, "Left: IoU of each class over the dataset (absent: in neither ground truth "
+        report.add_figure("scores", scores_figure(numbers), "Left: IoU of each class over the dataset (absent: in neither ground truth "
                           "nor prediction). Right: distribution of the mIoU of single images.")
         worst = self.worst()
         report.section(f"The {len(worst)} worst images", "Image | ground truth | prediction | errors (red: wrong "
@@ -440,6 +444,21 @@ def most_confused(mat, class_names, count=10):
              "share": float(mat[i, j] / rows[i])} for i, j in pairs[:count]]
 
 
+def scores_figure(numbers):
+    names = numbers["class_names"]
+    fig = new_figure(12, 0.35 * len(names) + 1.5)
+    axes = fig.subplots(1, 2)
+    iou = [as_number(v) for v in numbers["iou"]]
+    class_bars(axes[0], names, list(range(len(names))), iou, f"IoU per class (mIoU {numbers['miou']:.4f})", "IoU")
+    axes[0].axvline(numbers["miou"], color="0.3", linestyle="--", label="mIoU")
+    axes[0].set_xlim(0, 1.15)
+    axes[0].legend(loc="lower right")
+    histogram = numbers["per_image_miou_histogram"]
+    axes[1].stairs(histogram["images"], histogram["edges"], fill=True, color="0.6")
+    axes[1].set(title="Per-image mIoU", xlabel="mIoU of one image", ylabel="images", xlim=(0, 1))
+    return fig
+
+
 def confusion_figure(mat, names):
     with np.errstate(divide="ignore", invalid="ignore"):
         normalised = mat / mat.sum(1, keepdims=True)
@@ -447,15 +466,20 @@ def confusion_figure(mat, names):
                       for vr, cr in zip(normalised, mat)])
     side = 0.7 * len(names) + 3
     fig = new_figure(side + 1, side)
-    heatmap(fig, fig.subplots(), normalised, texts, names, names, "Confusion matrix (row-normalised, with pixel counts)",
+    heatmap(fig, fig.subplots(), normalised, texts, names, names,
+            "Confusion matrix (row-normalised, with pixel counts)",
             "predicted class", "ground-truth class", "share of the ground-truth class's pixels", vmax=1)
     return fig
 
 
-def error_image(rgb, target, pred):
-    """The image dimmed to grey, wrong pixels red; ignored pixels never count as wrong."""
+def wrong_pixels(target, pred):
+    """Pixels predicted wrong; ignored pixels never count as wrong."""
+    return (pred != target) & (target != utils.IGNORE_INDEX)
+
+
+def error_image(rgb, wrong):
+    """The image dimmed to grey, wrong pixels red."""
     grey = (rgb.astype(np.float32).mean(2, keepdims=True) * 0.4).astype(np.uint8).repeat(3, axis=2)
-    wrong = (pred != target) & (target != utils.IGNORE_INDEX)
     grey[wrong] = ERROR_RGB
     return grey
 
@@ -465,9 +489,9 @@ def worst_panel(image_path, target, pred, class_names, file_name, miou):
     n = len(class_names)
     fig = new_figure(4 * PANEL_INCHES, PANEL_INCHES + 1)
     axes = fig.subplots(1, 4)
-    wrong = (pred != target) & (target != utils.IGNORE_INDEX)
+    wrong = wrong_pixels(target, pred)
     for ax, panel, title in zip(axes, (rgb, utils.colorize(target, n), utils.colorize(pred, n),
-                                       error_image(rgb, target, pred)),
+                                       error_image(rgb, wrong)),
                                 ("image", "ground truth", "prediction", f"errors: {wrong.mean():.1%} of pixels")):
         show_image(ax, panel, title)
     fig.suptitle(f"{file_name}: mIoU {miou:.4f}")

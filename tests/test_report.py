@@ -251,3 +251,12 @@ def test_compare_runs_report(tmp_path, monkeypatch):
     assert numbers["runs"]["a"]["miou_over_epochs"] == [[0, 0.2], [1, 0.5]]
     assert numbers["runs"]["b"]["compared"]["epoch"] == 0  # --best: b's best validation came first
     assert numbers["runs"]["b"]["compared"]["iou"]["Can"] == 0.4
+
+
+def test_error_panel_marks_wrong_pixels_red_and_never_ignored_ones():
+    target = np.array([[0, 1], [255, 2]], dtype=np.uint8)
+    pred = np.array([[0, 2], [1, 2]], dtype=np.uint8)
+    wrong = report.wrong_pixels(target, pred)
+    assert wrong.tolist() == [[False, True], [False, False]]
+    panel = report.error_image(np.full((2, 2, 3), 200, dtype=np.uint8), wrong)
+    assert panel[0, 1].tolist() == list(report.ERROR_RGB) and panel[1, 0].tolist() == [80, 80, 80]
