@@ -143,6 +143,9 @@ def class_bars(ax, class_names, labels, values, title, xlabel, log=False):
     ax.invert_yaxis()
     if log:
         log_x_axis(ax)
+        positive = [v for v in shown if v > 0] or [1]
+        # bars start at a power of ten under half the smallest value, so every bar shows; room for the texts
+        ax.set_xlim(10 ** math.floor(math.log10(min(positive) / 2)), 4 * max(positive))
     for y, v in enumerate(values):
         text = "absent" if math.isnan(v) else (short_count(v) if log else f"{v:.3f}")
         ax.text(v if v > 0 else (1 if log else 0), y, " " + text, va="center", fontsize=8)
@@ -152,9 +155,9 @@ def class_bars(ax, class_names, labels, values, title, xlabel, log=False):
 
 
 def log_x_axis(ax):
-    """A log-scale x axis labelled with plain numbers (1, 10, 0.5), no labels on minor ticks."""
+    """A log-scale x axis labelled with plain numbers (0.1, 1, 10, 1.0k, 1.0M), no labels on minor ticks."""
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}" if value < 1000 else short_count(value)))
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
