@@ -424,8 +424,8 @@ class EvalReport:
                          [[p["true"], p["predicted"], p["pixels"], f"{p['share']:.4f}"]
                           for p in numbers["most_confused"]])
         report.section("Scores")
-        report.add_figure("scores", scores_figure(numbers), "Left: IoU of each class over the dataset (absent: in neither ground truth "
-                          "nor prediction). Right: distribution of the mIoU of single images.")
+        report.add_figure("scores", scores_figure(numbers), "Left: IoU of each class over the dataset (absent: "
+                          "in neither ground truth nor prediction). Right: distribution of the mIoU of single images.")
         worst = self.worst()
         report.section(f"The {len(worst)} worst images", "Image | ground truth | prediction | errors (red: wrong "
                        "pixels; white in the masks: ignored), lowest per-image mIoU first.")
