@@ -4,6 +4,7 @@ Run as a script to build the synthetic demo dataset or to summarise a dataset:
 
     python dataset.py make-demo --root data/demo
     python dataset.py summary --root data/demo --json train_all.json
+    python dataset.py summary --root data/demo --json train_all.json --report reports/demo --fold 0   # charts
     python dataset.py subset --root data/demo --json train.json --n 30   # train_30.json + train_30_rest.json
 """
 import argparse
@@ -747,6 +748,12 @@ def get_args_parser():
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
     summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area")
+    summary.add_argument("--report", default=None, metavar="DIR",
+                         help="also write charts, report.json and index.html to this folder (see docs/reports.md)")
+    summary.add_argument("--fold", type=int, default=None,
+                         help="with --report: chart the per-fold class balance of train.py's k-fold split")
+    summary.add_argument("--n-folds", type=int, default=5)
+    summary.add_argument("--fold-seed", type=int, default=0)
     subset = commands.add_parser("subset", help="split a json into N random images and the rest")
     subset.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     subset.add_argument("--json", default="train.json", help="json file, relative to the root")
@@ -770,6 +777,17 @@ def main(args):
         print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))
     else:
         summarise(args.root, args.json, args.paint_order)
+        if args.report:
+            write_summary_report(args)
+
+
+def write_summary_report(args):
+    import report  # matplotlib is loaded only when a report is asked for
+
+    if args.fold is not None and not 0 <= args.fold < args.n_folds:
+        raise ValueError(f"--fold must be in 0..{args.n_folds - 1}, not {args.fold}")
+    dataset = SegmentationDataset(args.root, args.json, mode="val", paint_order=args.paint_order)
+    print("wrote " + report.write_dataset_report(dataset, args.report, args.fold, args.n_folds, args.fold_seed))
 
 
 if __name__ == "__main__":

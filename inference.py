@@ -4,6 +4,7 @@
     python inference.py --checkpoints "runs/*-fold*" --tta --tta-vflip --tta-scales 0.75 1.0 1.25
     python inference.py --json val.json --eval            # score a labelled json
     python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
+    python inference.py --json val.json --eval --report reports/val   # charts and the worst images
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. ONNX files written by export.py work
@@ -59,6 +60,9 @@ def get_args_parser():
     p.add_argument("--vote", choices=VOTES, default="soft",
                    help="ensemble vote: soft averages probabilities; hard takes each pixel's majority class "
                         "(ties go to the highest mean probability)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="with --eval or --oof: write the evaluation report (charts, report.json, index.html) here")
+    p.add_argument("--report-worst", type=int, default=12, metavar="K", help="worst images shown in the report")
     return p
 
 
@@ -286,10 +290,28 @@ def save_outputs(args, info, image_path, mask, num_classes):
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
 
+def new_report(args, class_names):
+    """The evaluation report's accumulator, or None without --report."""
+    if not args.report:
+        return None
+    if not (args.eval or args.oof):
+        raise utils.UserError("--report scores predictions: add --eval (with a labelled --json) or use --oof")
+    if args.report_worst < 0:
+        raise utils.UserError(f"--report-worst must be 0 or more, not {args.report_worst}")
+    import report  # matplotlib is loaded only when a report is asked for
+
+    return report.EvalReport(class_names, args.report_worst)
+
+
+def finish_report(args, accumulator, title):
+    if accumulator is not None:
+        print("wrote " + accumulator.write(args.report, title))
+
+
 def run_oof(args):
     """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
     transforms = build_tta(args)
-    confusion, split, seen, first_order = None, None, {}, None
+    confusion, split, seen, first_order, accumulator = None, None, {}, None, None
     for path in expand_checkpoints([args.oof]):
         checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS + ("args",))
         run = checkpoint["args"]
@@ -313,14 +335,20 @@ def run_oof(args):
                                            paint_order=paint_order, image_ids=val_ids)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
+        accumulator = accumulator or new_report(args, class_names)
         for index, prob in predict(ensemble, loader, args.device, args.amp):
             fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
+            if accumulator is not None:
+                info = dataset.images[index]
+                accumulator.add(info, dataset.label_mask(index), prob.argmax(0).cpu().numpy(),
+                                dataset.coco.image_path(info))
         print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
         confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
     missing = sorted(set(range(run["n_folds"])) - set(seen))
     scores = utils.scores_from_confusion(confusion.cpu().numpy())
     print(f"out-of-fold over folds {sorted(seen)}" + (f" (missing folds {missing})" if missing else ""))
     print(utils.format_iou_table(class_names, scores))
+    finish_report(args, accumulator, f"Out-of-fold evaluation: {args.oof}")
     return scores
 
 
@@ -342,6 +370,7 @@ def main(args):
     # sequential order: predict() maps batch positions back to dataset.images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
+    accumulator = new_report(args, class_names)
     rows = []
     for index, prob in predict(ensemble, loader, args.device, args.amp):
         info = dataset.images[index]
@@ -350,12 +379,15 @@ def main(args):
             confusion.update(torch.from_numpy(dataset.label_mask(index)), mask)
         mask = mask.cpu().numpy()
         rows.append((info["file_name"], mask))
+        if accumulator is not None:
+            accumulator.add(info, dataset.label_mask(index), mask, dataset.coco.image_path(info))
         save_outputs(args, info, dataset.coco.image_path(info), mask, len(class_names))
     utils.write_submission(args.output, rows, len(class_names), expected_ids=[i["file_name"] for i in dataset.images])
     print(f"wrote {args.output} ({len(rows)} images)")
     if args.eval:
         scores = confusion.compute()
         print(utils.format_iou_table(class_names, scores))
+        finish_report(args, accumulator, f"Evaluation of {', '.join(args.checkpoints)} on {args.json}")
         return scores
 
 
