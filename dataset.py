@@ -10,6 +10,7 @@ Run as a script to build the synthetic demo dataset or to summarise a dataset:
 import argparse
 import bisect
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -591,29 +592,142 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-def augmentation_seed(seed, epoch, index):
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def augmentation_seed(seed, epoch, index, *more):
+    return int(np.random.SeedSequence([seed, epoch, index, *more]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- rare classes
+def image_labels(dataset):
+    """Per image of a SegmentationDataset: the set of labels its annotations hold (background not counted)."""
+    to_label = dataset.coco.cat_to_label
+    return [{to_label[ann["category_id"]] for ann in dataset.coco.anns_by_image[image["id"]]}
+            for image in dataset.images]
+
+
+def repeat_factors(label_sets, thresh):
+    """LVIS repeat factor of each image (Gupta et al. 2019): r_i = max over its classes c of max(1, sqrt(t / f_c)).
+
+    f_c is the fraction of images holding class c; an image without classes, or given as None
+    (an image whose classes are unknown, e.g. pseudo-labelled), gets 1.
+    """
+    if not thresh > 0:
+        raise ValueError(f"the repeat threshold must be > 0, got {thresh}")
+    known = [labels for labels in label_sets if labels is not None]
+    images_holding = collections.Counter(label for labels in known for label in labels)
+    class_factor = {label: max(1.0, math.sqrt(thresh * len(known) / count)) for label, count in images_holding.items()}
+    return np.array([max((class_factor[label] for label in labels or ()), default=1.0) for labels in label_sets])
+
+
+def concat_repeat_factors(parts, thresh):
+    """repeat_factors over the images of a SeededConcatDataset's parts; parts without a COCO json get 1."""
+    label_sets = []
+    for part in parts:
+        label_sets += image_labels(part) if isinstance(part, SegmentationDataset) else [None] * len(part)
+    return repeat_factors(label_sets, thresh)
+
+
+class RepeatFactorSampler(ResumableSampler):
+    """ResumableSampler whose epoch holds image i floor(r_i) or ceil(r_i) times (stochastic rounding).
+
+    The epoch list depends on (run seed, epoch) alone: the same for any number of workers and
+    after a resume. It is cut or wrapped to round(sum r_i) draws so every epoch has the same
+    length (the schedule counts steps), then padded and dealt to the processes as
+    DistributedSampler does. Each draw's augmentation seed also depends on its place in the
+    epoch, so two copies of one image are augmented differently.
+    """
+
+    def __init__(self, dataset, factors, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.factors = np.asarray(factors, dtype=np.float64)
+        if len(self.factors) != len(dataset) or not (self.factors >= 1).all():
+            raise ValueError(f"need one repeat factor >= 1 per image ({len(dataset)}), got {len(self.factors)}")
+        self.epoch_length = round(self.factors.sum())
+        self.num_samples = math.ceil(self.epoch_length / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def epoch_indices(self):
+        """The image indices of the whole epoch, every process's share included."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        whole = np.floor(self.factors)
+        copies = whole + (rng.random(len(self.factors)) < self.factors - whole)
+        drawn = rng.permutation(np.repeat(np.arange(len(self.factors)), copies.astype(np.int64)))
+        return np.resize(drawn, self.total_size)
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        places = range(self.rank, self.total_size, self.num_replicas)
+        for place in itertools.islice(places, self.skip, None):
+            yield int(indices[place]), augmentation_seed(self.seed, self.epoch, int(indices[place]), place)
+
+
+class RareClassCrop(A.RandomResizedCrop):
+    """RandomResizedCrop that retries so that the crop is not one class and keeps a rare class.
+
+    Up to `tries` candidate crops are drawn; the first is taken in which no class covers more
+    than `max_ratio` of the labelled pixels (MMSegmentation's cat_max_ratio; 255 not counted)
+    and which holds a pixel of `rare_labels` whenever the image does. If none qualifies, the
+    candidate holding a rare class with the smallest largest-class share is taken. All draws
+    come from the transform's own generators, so `Compose.set_random_seed` makes it repeatable.
+    """
+
+    def __init__(self, size, scale=(0.35, 1.0), rare_labels=(), max_ratio=0.75, tries=10, p=1.0):
+        super().__init__(size=size, scale=scale, p=p)
+        if not 0 < max_ratio <= 1 or tries < 1:
+            raise ValueError(f"RareClassCrop needs 0 < max_ratio <= 1 and tries >= 1, got {max_ratio}, {tries}")
+        self.rare_labels, self.max_ratio, self.tries = np.array(sorted(rare_labels), dtype=np.int64), max_ratio, tries
+
+    def get_params_dependent_on_data(self, params, data):
+        mask = data.get("mask")
+        if mask is None:
+            return super().get_params_dependent_on_data(params, data)
+        has_rare = self._holds_rare(np.bincount(mask.ravel(), minlength=256))
+        best = None
+        for _ in range(self.tries):
+            crop = super().get_params_dependent_on_data(params, data)
+            x_min, y_min, x_max, y_max = crop["crop_coords"]
+            counts = np.bincount(mask[y_min:y_max, x_min:x_max].ravel(), minlength=256)
+            score = (self._holds_rare(counts) or not has_rare, -self._largest_share(counts))
+            if score[0] and -score[1] <= self.max_ratio:
+                return crop
+            if best is None or score > best[0]:
+                best = score, crop
+        return best[1]
+
+    def _holds_rare(self, counts):
+        return bool(counts[self.rare_labels].any())
+
+    @staticmethod
+    def _largest_share(counts):
+        labelled = counts[:IGNORE_INDEX]
+        return labelled.max() / max(labelled.sum(), 1)
 
 
 # ---------------------------------------------------------------- augmentation
-def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=()):
+def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=(), crop_rare=None):
     """An albumentations pipeline: `extra` transforms first, then the preset, resize, normalise.
 
     preset "eval" is the deterministic resize used for validation and inference;
-    `size=None` keeps the image size (no resize, no crop).
+    `size=None` keeps the image size (no resize, no crop). `crop_rare`: RareClassCrop
+    options (rare_labels, max_ratio); the presets light and strong then crop with it
+    (light instead of its plain resize).
     """
     if preset not in AUGMENTATIONS + ("eval",):
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {AUGMENTATIONS}")
+    if crop_rare is not None and preset not in ("light", "strong"):
+        raise ValueError(f"rare-class crops need the light or strong augmentation preset, not {preset!r}")
     steps = list(extra)
+    crop = A.RandomResizedCrop if crop_rare is None else functools.partial(RareClassCrop, **crop_rare)
     if preset == "strong":
         steps += [
-            A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0)),
+            crop(size=(size, size), scale=(0.35, 1.0)),
             A.HorizontalFlip(),
             A.VerticalFlip(),
             A.RandomRotate90(),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
         ]
+    elif crop_rare is not None:
+        steps.append(crop(size=(size, size), scale=(0.35, 1.0)))
     elif size is not None:
         steps.append(A.Resize(size, size))
     if preset == "light":

@@ -28,6 +28,7 @@ import scheduler as schedulers
 import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
+SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
 RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir")
 RUN_FILES = ("last.pt", "best.pt", "metrics.json", "args.json", "tb")  # what a run writes in its folder
@@ -73,6 +74,19 @@ def get_args_parser():
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
     g.add_argument("--pseudo-ratio", type=float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
+    g.add_argument("--sampler", choices=SAMPLERS, default="uniform",
+                   help="uniform: each training image once per epoch; repeat-factor: LVIS repeat-factor sampling, "
+                        "images of rare classes repeated (an epoch grows by the mean repeat factor)")
+    g.add_argument("--repeat-thresh", type=float, default=0.5,
+                   help="repeat-factor threshold t: an image holding a class found in a fraction f < t of the "
+                        "training images is drawn max(1, sqrt(t/f)) times per epoch on average")
+    g.add_argument("--crop-rare", action="store_true",
+                   help="random crops (light and strong presets) that no class fills beyond --crop-max-ratio "
+                        "and that keep a rare class when the image has one")
+    g.add_argument("--crop-max-ratio", type=float, default=0.75,
+                   help="most of a crop's labelled pixels one class may cover (MMSegmentation's cat_max_ratio)")
+    g.add_argument("--crop-rare-classes", default=None,
+                   help="comma-separated class names --crop-rare keeps in crops (default: the two rarest by annotation count)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
@@ -92,7 +106,12 @@ def get_args_parser():
     g.add_argument("--loss", default="ce:1,dice:0.5",
                    help=f"weighted loss terms NAME:WEIGHT,... from {', '.join(losses.LOSS_NAMES)}")
     g.add_argument("--class-weights", default=None,
-                   help="'auto' (from training pixel frequencies) or comma-separated weights, one per class")
+                   help="'auto' (1/sqrt of each class's training pixel share, at most 10x the smallest, mean 1) "
+                        "or comma-separated weights, one per class")
+    g.add_argument("--ohem-thresh", type=float, default=0.7,
+                   help="ohem loss: keep pixels whose true-class probability is under this")
+    g.add_argument("--ohem-min-kept", type=int, default=10000,
+                   help="ohem loss: keep at least this many pixels per image (the least confident)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
     g.add_argument("--lr", type=float, default=2e-3,
@@ -161,10 +180,11 @@ def build_datasets(args, mean, std):
     for part in extra:
         data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
     check_no_val_images([train] + extra, val, args.strict)
-    if args.copy_paste_p > 0:
+    if args.copy_paste_p > 0 or args.crop_rare:
         # the object bank comes from this run's own training images only
         train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
-            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
+            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir),
+            crop_rare=rare_crop_options(args, train))
         for part in extra:
             part.transform = train.transform
     for part in [train, val] + extra:
@@ -208,8 +228,31 @@ def check_no_val_images(train_sets, val_set, strict):
     print(f"warning: {found}; validation scores will be too high (--strict refuses this)")
 
 
+def rare_crop_options(args, train):
+    """data.RareClassCrop's options for --crop-rare (None when off): the rare labels and the largest class share."""
+    if not args.crop_rare:
+        return None
+    names = copy_paste.parse_classes(args.crop_rare_classes) or copy_paste.rarest_classes(train)
+    unknown = [name for name in names if name not in train.class_names[1:]]
+    if unknown:
+        raise utils.UserError(f"--crop-rare-classes: unknown classes {unknown}; {train.coco.path} has "
+                              f"{train.class_names[1:]}")
+    return dict(rare_labels=[train.class_names.index(name) for name in names], max_ratio=args.crop_max_ratio)
+
+
+def build_train_sampler(args, train_set, rank, world_size):
+    if args.sampler == "uniform":
+        return data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    factors = data.concat_repeat_factors(train_set.datasets, args.repeat_thresh)
+    sampler = data.RepeatFactorSampler(train_set, factors, num_replicas=world_size, rank=rank, seed=args.seed)
+    if rank == 0:
+        print(f"repeat-factor sampling (t={args.repeat_thresh}): {len(train_set)} images, {sampler.epoch_length} "
+              f"draws per epoch; {int((factors > 1).sum())} images repeated, up to {factors.max():.2f} times")
+    return sampler
+
+
 def build_loaders(args, train_set, val_set, rank, world_size):
-    sampler = data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    sampler = build_train_sampler(args, train_set, rank, world_size)
     # the loaders draw their workers' seeds from their own generator: a draw from the global RNG,
     # which checkpoints save and restore, would shift dropout after a mid-epoch resume
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
@@ -467,7 +510,8 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
         "criterion": losses.AuxiliaryLoss(
             losses.build_loss(args.loss, num_classes,
                               class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
-                              label_smoothing=args.label_smoothing),
+                              label_smoothing=args.label_smoothing, ohem_thresh=args.ohem_thresh,
+                              ohem_min_kept=args.ohem_min_kept),
             unwrap(model).aux_weights).to(args.device),
     }
 
