@@ -3,11 +3,13 @@
 The session's demo set is shared by many tests: treat it as read-only (its mask cache aside)
 and ask for `tiny_demo_copy` to change it. Runs and predictions go to each test's own folders.
 """
+import os
 import shutil
 
 import pytest
 import torch
 
+import dataset
 import demo
 import inference
 import pseudo_label
@@ -33,6 +35,19 @@ def tiny_demo(tmp_path_factory):
 def tiny_demo_copy(tiny_demo, tmp_path):
     """A copy of the tiny demo set (mask cache included) that the test may change."""
     return shutil.copytree(tiny_demo, tmp_path / "data")
+
+
+@pytest.fixture
+def image_reads(monkeypatch):
+    """The real paths of the images read through dataset.read_image during the test, in order."""
+    paths, real_read = [], dataset.read_image
+
+    def recording(path, *args, **kwargs):
+        paths.append(os.path.realpath(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_image", recording)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -216,20 +216,8 @@ def test_ratio_mix_draws_follow_the_sampler_seed():
 
 # ---------------------------------------------------------------- end to end
 
-def record_image_reads(monkeypatch):
-    """The real paths of the images read through dataset.read_image from now on, in order."""
-    paths, real_read = [], data.read_image
-
-    def recording(path, *args, **kwargs):
-        paths.append(os.path.realpath(path))
-        return real_read(path, *args, **kwargs)
-
-    monkeypatch.setattr(data, "read_image", recording)
-    return paths
-
-
 def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, run_pseudo_label, tmp_path,
-                                               monkeypatch):
+                                               image_reads):
     root, out = str(tiny_demo), str(tmp_path / "pseudo")
     manifest = run_pseudo_label("--checkpoints", tiny_run, "--data-root", root, "--threshold", 0.2, "--out", out)
     test_images = data.Coco(os.path.join(root, "test.json"), root)
@@ -239,11 +227,11 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
         assert mask.shape == (64, 64) and item["kept"] == pytest.approx(np.mean(mask != IGNORE))
         assert set(np.unique(mask)) <= set(range(len(manifest["class_names"]))) | {IGNORE}
 
-    reads = record_image_reads(monkeypatch)
+    image_reads.clear()
     retrained = tmp_path / "retrained"
     run_train(tiny_demo, "--epochs", 1, "--output", retrained, "--pseudo", out, "--pseudo-ratio", 1)
     # ratio 1: 8 pseudo-labelled draws join the 8 labelled images, so the epoch has 8 batches of 2, not 4
     assert utils.load_checkpoint(tiny_run / "last.pt")["global_step"] == 4
     assert utils.load_checkpoint(retrained / "last.pt")["global_step"] == 8
     test_paths = {os.path.realpath(test_images.image_path(image)) for image in test_images.images}
-    assert sum(path in test_paths for path in reads) == 8
+    assert sum(path in test_paths for path in image_reads) == 8

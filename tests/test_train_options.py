@@ -22,18 +22,6 @@ def global_step(run):
     return utils.load_checkpoint(run / "last.pt")["global_step"]
 
 
-def record_image_reads(monkeypatch):
-    """The real paths of the images read through dataset.read_image from now on, in order."""
-    paths, real_read = [], data.read_image
-
-    def recording(path, *args, **kwargs):
-        paths.append(os.path.realpath(path))
-        return real_read(path, *args, **kwargs)
-
-    monkeypatch.setattr(data, "read_image", recording)
-    return paths
-
-
 # ---------------------------------------------------------------- --fold
 def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_train_argv):
     coco = data.Coco(str(tiny_demo / "train_all.json"), str(tiny_demo))
@@ -53,15 +41,14 @@ def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_trai
 
 
 # ---------------------------------------------------------------- --extra-json
-def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, tmp_path, monkeypatch):
+def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, tmp_path, image_reads):
     (tiny_demo_copy / "extra.json").write_text((tiny_demo_copy / "val.json").read_text())  # 4 more labelled images
-    reads = record_image_reads(monkeypatch)
     run_train(tiny_demo_copy, "--epochs", 1, "--output", tmp_path / "run", "--extra-json", tiny_demo_copy / "extra.json")
     assert global_step(tiny_run) == BATCHES_PER_EPOCH
     assert global_step(tmp_path / "run") == BATCHES_PER_EPOCH + 2  # 8 + 4 images in batches of 2
     val = data.Coco(str(tiny_demo_copy / "val.json"), str(tiny_demo_copy))
     val_paths = [os.path.realpath(val.image_path(image)) for image in val.images]
-    assert sorted(path for path in reads if path in val_paths) == sorted(val_paths * 2)  # trained on, then validated
+    assert sorted(path for path in image_reads if path in val_paths) == sorted(val_paths * 2)  # trained on, then validated
 
 
 # ---------------------------------------------------------------- --class-weights auto
