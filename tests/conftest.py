@@ -54,7 +54,7 @@ def image_reads(monkeypatch):
 def tiny_train_argv():
     """tiny_train_argv(root, *argv): train.py's tiny arguments on the demo set at `root` (mask cache inside it)."""
     def argv(root, *extra):
-        return [*map(str, [*TINY_TRAIN, "--data-root", root, "--cache-dir", root / "cache", *extra])]
+        return list(map(str, [*TINY_TRAIN, "--data-root", root, "--cache-dir", root / "cache", *extra]))
     return argv
 
 
@@ -99,9 +99,10 @@ def constant_checkpoint(tiny_run):
     """
     def write(path, label, **args):
         checkpoint = utils.load_checkpoint(tiny_run / "best.pt")
-        head = checkpoint["state_dict"]
-        head["head.weight"] = torch.zeros_like(head["head.weight"])
-        head["head.bias"] = 10.0 * torch.nn.functional.one_hot(torch.tensor(label), len(head["head.bias"])).float()
+        weights = checkpoint["state_dict"]
+        weights["head.weight"] = torch.zeros_like(weights["head.weight"])
+        num_classes = len(weights["head.bias"])
+        weights["head.bias"] = 10.0 * torch.nn.functional.one_hot(torch.tensor(label), num_classes).float()
         checkpoint["args"] = {**checkpoint["args"], **args}
         utils.save_checkpoint(checkpoint, path)
         return path

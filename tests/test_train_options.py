@@ -42,13 +42,15 @@ def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_trai
 
 # ---------------------------------------------------------------- --extra-json
 def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, tmp_path, image_reads):
-    (tiny_demo_copy / "extra.json").write_text((tiny_demo_copy / "val.json").read_text())  # 4 more labelled images
-    run_train(tiny_demo_copy, "--epochs", 1, "--output", tmp_path / "run", "--extra-json", tiny_demo_copy / "extra.json")
+    extra = tiny_demo_copy / "extra.json"
+    extra.write_text((tiny_demo_copy / "val.json").read_text())  # 4 more labelled images
+    run_train(tiny_demo_copy, "--epochs", 1, "--output", tmp_path / "run", "--extra-json", extra)
     assert global_step(tiny_run) == BATCHES_PER_EPOCH
     assert global_step(tmp_path / "run") == BATCHES_PER_EPOCH + 2  # 8 + 4 images in batches of 2
     val = data.Coco(str(tiny_demo_copy / "val.json"), str(tiny_demo_copy))
     val_paths = [os.path.realpath(val.image_path(image)) for image in val.images]
-    assert sorted(path for path in image_reads if path in val_paths) == sorted(val_paths * 2)  # trained on, then validated
+    # each read twice: once trained on, once validated
+    assert sorted(path for path in image_reads if path in val_paths) == sorted(val_paths * 2)
 
 
 # ---------------------------------------------------------------- --class-weights auto
