@@ -34,7 +34,8 @@ PLACEMENT_TRIES = 10
 JPEG_QUALITY = 95
 
 BankObject = collections.namedtuple("BankObject", "rgba label image_id")  # alpha: 255 on the object, else 0
-Paste = collections.namedtuple("Paste", "y x rgb alpha mask label")  # a placed piece; alpha None: hard edge
+# a placed piece; alpha None: hard edge; image_id: the source image it was cut from
+Paste = collections.namedtuple("Paste", "y x rgb alpha mask label image_id")
 
 
 # ---------------------------------------------------------------- visible instances
@@ -117,7 +118,7 @@ class ObjectBank:
 def _labels_of(names, dataset):
     unknown = [name for name in names if name not in dataset.class_names[1:]]
     if unknown:
-        raise ValueError(f"unknown classes {unknown} for copy-paste; {dataset.coco.path} has {dataset.class_names[1:]}")
+        raise utils.UserError(f"unknown classes {unknown} for copy-paste; {dataset.coco.path} has {dataset.class_names[1:]}")
     return sorted(dataset.class_names.index(name) for name in names)
 
 
@@ -279,7 +280,7 @@ class CopyPaste(A.DualTransform):
         mask = warped[y:y + h, x:x + w, 3] >= 128
         if mask.sum() < MIN_OBJECT_AREA:
             return None
-        return Paste(0, 0, warped[y:y + h, x:x + w, :3], self._alpha(mask), mask, obj.label)
+        return Paste(0, 0, warped[y:y + h, x:x + w, :3], self._alpha(mask), mask, obj.label, obj.image_id)
 
     def _alpha(self, mask):
         """Blend weight on a soft edge: 1 inside, over the last `soft_edge` pixels down to just over 0.5."""
@@ -319,7 +320,9 @@ def copy_paste_transforms(dataset, classes=None, p=0.5, max_objects=3, cache_dir
 
 # ---------------------------------------------------------------- offline generation
 def synthesize(dataset, paster, index, seed):
-    """Offline image `index`: (RGB image, label map, instance map, category id of each instance).
+    """Offline image `index`: (RGB image, label map, instance map, category ids, sources).
+
+    Sources: for each instance, (id of the image it comes from, whether it was pasted).
 
     The instance map holds 1..K for the visible part of each instance (source
     instances first, then the pasted ones), so the regions are disjoint and the
@@ -335,22 +338,27 @@ def synthesize(dataset, paster, index, seed):
     labels = np.array([0] + [coco.cat_to_label[c] for c in categories], dtype=np.uint8)[instances]
     pastes = paster.plan(labels, rng)
     new_ids = range(len(categories) + 1, len(categories) + len(pastes) + 1)
+    sources = [(info["id"], False)] * len(categories) + [(paste.image_id, True) for paste in pastes]
     categories += [label_cats[paste.label] for paste in pastes]
     return (paste_image(image, pastes), paint_pastes(labels, pastes, [paste.label for paste in pastes]),
-            paint_pastes(instances, pastes, new_ids), categories)
+            paint_pastes(instances, pastes, new_ids), categories, sources)
 
 
-def visible_annotations(instances, categories, image_id, first_id):
-    """One COCO annotation (compressed RLE, iscrowd 0) per instance with visible pixels."""
+def visible_annotations(instances, categories, sources, image_id, first_id):
+    """One COCO annotation (compressed RLE, iscrowd 0) per instance with visible pixels.
+
+    Each records the image it was cut from (`source_image_id`) and whether it was pasted.
+    """
     anns = []
-    for k, category_id in enumerate(categories, start=1):
+    for k, (category_id, (source_id, pasted)) in enumerate(zip(categories, sources), start=1):
         region = instances == k
         if not region.any():
             continue  # entirely covered by later pastes
         rle = mask_utils.encode(np.asfortranarray(region.astype(np.uint8)))
         anns.append({"id": first_id + len(anns), "image_id": image_id, "category_id": int(category_id),
                      "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                     "area": int(region.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0})
+                     "area": int(region.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
+                     "source_image_id": int(source_id), "pasted": pasted})
     return anns
 
 
@@ -359,24 +367,70 @@ def generate(data_root, json_name, out_dir, n, classes=None, seed=0, max_objects
     dataset = data.SegmentationDataset(data_root, json_name, mode="val")
     bank = ObjectBank.for_dataset(dataset, classes, cache_dir)
     paster = CopyPaste(bank, p=1.0, max_objects=max_objects)
-    images, annotations = [], []
+    images, annotations, used = [], [], set()
     for index in range(n):
-        image, _, instances, categories = synthesize(dataset, paster, index, seed)
+        image, _, instances, categories, sources = synthesize(dataset, paster, index, seed)
         file_name = f"images/{index + 1:05d}.jpg"
         _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         utils.atomic_write_bytes(os.path.join(out_dir, file_name), jpeg.tobytes())
-        images.append({"id": index + 1, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
-        annotations += visible_annotations(instances, categories, index + 1, len(annotations) + 1)
+        photo_id = dataset.images[index % len(dataset)]["id"]
+        images.append({"id": index + 1, "file_name": file_name, "height": image.shape[0], "width": image.shape[1],
+                       "source_image_id": photo_id})
+        annotations += visible_annotations(instances, categories, sources, index + 1, len(annotations) + 1)
+        used.update([photo_id] + [source_id for source_id, _ in sources])
     stem = os.path.splitext(os.path.basename(json_name))[0]
     path = os.path.join(out_dir, f"{stem}_copy_paste.json")
+    # the sources, so that training can drop what was cut from its own validation images
     info = {"description": f"copy-paste of {bank!r} into the images of {dataset.coco.path}",
-            "source_hash": dataset.coco.content_hash, "seed": seed}
+            "source_json": os.path.abspath(dataset.coco.path), "source_root": os.path.abspath(data_root),
+            "source_hash": dataset.coco.content_hash, "seed": seed,
+            "source_files": {str(image["id"]): image["file_name"] for image in dataset.images if image["id"] in used}}
     utils.atomic_write_json(path, {"info": info, "images": images, "annotations": annotations,
                                    "categories": dataset.coco.categories})
     return path
 
 
-def main():
+def images_not_from(json_path, val_dataset):
+    """Ids of the images of a copy_paste.py json that show nothing of `val_dataset`'s images.
+
+    An offline image shows a validation image when its photo is one, or when it holds
+    an object cut from one: the whole image is dropped, since its pixels show that
+    object even without its annotation. None for a json that copy_paste.py did not
+    write (nothing to check); an older copy_paste.py json, which lacks the sources,
+    is refused. A source is a validation image when its file is one, or -- only when
+    the generator read the very json the validation set reads -- when its id is one.
+    """
+    with open(json_path) as f:
+        coco = json.load(f)
+    info = coco.get("info") or {}
+    if "source_hash" not in info:
+        return None
+    if "source_files" not in info:
+        raise utils.UserError(f"{json_path} was written by an older copy_paste.py that does not record where each "
+                              f"pasted object comes from, so objects of this run's validation images cannot be "
+                              f"dropped: write it again with python copy_paste.py --json JSON --out DIR")
+    val_paths = {os.path.realpath(val_dataset.coco.image_path(image)) for image in val_dataset.images}
+    val_ids = {image["id"] for image in val_dataset.images} if info["source_hash"] == val_dataset.coco.content_hash \
+        else set()
+
+    def from_val(source_id):
+        file_name = info["source_files"][str(source_id)]
+        return source_id in val_ids or os.path.realpath(os.path.join(info["source_root"], file_name)) in val_paths
+
+    dropped = {image["id"] for image in coco["images"] if from_val(image["source_image_id"])}
+    photos = len(dropped)
+    pasted = [ann for ann in coco["annotations"] if ann["pasted"] and from_val(ann["source_image_id"])]
+    dropped.update(ann["image_id"] for ann in pasted)
+    kept = [image["id"] for image in coco["images"] if image["id"] not in dropped]
+    print(f"{json_path}: dropped {len(dropped)} of {len(coco['images'])} images showing validation images of this "
+          f"run: {len(pasted)} pasted objects cut from them, {photos} photos that are one")
+    if not kept:
+        raise utils.UserError(f"every image of {json_path} shows validation images of this run: write it again from "
+                              f"the training images only (python copy_paste.py --json TRAIN_JSON --out DIR)")
+    return kept
+
+
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     parser.add_argument("--json", default="train.json", help="source json, relative to --data-root")
@@ -386,13 +440,17 @@ def main():
     parser.add_argument("--max-objects", type=int, default=3, help="objects pasted per image, at most")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the object bank is cached")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
+    data.require_json(args.data_root, args.json, "--json")
     path = generate(args.data_root, args.json, args.out, args.n, args.classes, args.seed, args.max_objects,
                     args.cache_dir)
     print(f"wrote {args.n} images and {path}")
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main, get_args_parser())

@@ -4,6 +4,7 @@ Run as a script to build the synthetic demo dataset or to summarise a dataset:
 
     python dataset.py make-demo --root data/demo
     python dataset.py summary --root data/demo --json train_all.json
+    python dataset.py summary --root data/demo --json train_all.json --report reports/demo --fold 0   # charts
     python dataset.py subset --root data/demo --json train.json --n 30   # train_30.json + train_30_rest.json
 """
 import argparse
@@ -15,6 +16,7 @@ import io
 import itertools
 import glob
 import json
+import math
 import os
 
 import albumentations as A
@@ -26,7 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import default_collate
 
-from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png
+from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
@@ -39,34 +41,44 @@ CACHE_VERSION = 1  # bump when the way masks are painted changes
 # An explicit level swaps OpenCV's default PNG settings (SUB row filter, RLE strategy)
 # for libpng's adaptive filters: the same pixels, and label maps decode about twice as fast.
 MASK_PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1)
+BACKGROUND = "Background"  # label 0, added before the json's categories
+MAX_CATEGORIES = IGNORE_INDEX - 1  # labels 1..254 fit the uint8 masks; 255 stays "ignore"
+MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on images it reads
 
 
 # ---------------------------------------------------------------- COCO json
+def require_json(root, json_name, flag):
+    """Stop with the fix when `root/json_name` (or an absolute json_name) is missing; `flag` names the json's option."""
+    path = os.path.join(root, json_name)
+    if os.path.isfile(path):
+        return path
+    if not os.path.isabs(json_name) and not os.path.isdir(root):
+        raise UserError(f"data root {root} does not exist: pass --data-root with the folder that holds the COCO "
+                        f"jsons and images, or leave it out for the demo set")
+    folder = os.path.dirname(os.path.abspath(path))
+    jsons = sorted(name for name in os.listdir(folder) if name.endswith(".json")) if os.path.isdir(folder) else []
+    raise UserError(f"{path} does not exist: pass {flag} with one of {jsons or 'the jsons in ' + folder}")
+
+
 class Coco:
     """A checked COCO json: images, annotations per image, and the class list.
 
     Class list = "Background" + category names in id order; a label is the index
-    in that list. Problems that would silently corrupt masks are errors; problems
-    that can be repaired without guessing are counted in `notes`.
+    in that list. The whole json is checked once, before any work: problems that
+    would corrupt masks or crash later stop with a UserError naming the json and
+    the image, annotation or category id; problems that can be repaired without
+    guessing (one unusable polygon part) are counted in `notes`.
     """
 
     def __init__(self, json_path, root, expect_annotations=True):
         self.path = os.fspath(json_path)
         self.root = os.fspath(root)
-        with open(self.path, "rb") as f:
-            raw = f.read()
-        self.content_hash = hashlib.sha1(raw).hexdigest()[:16]
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.path} is not valid json: {err}") from None
+        data, self.content_hash = self._load(expect_annotations)
         self.notes = collections.Counter()
-        self.categories = sorted(data.get("categories", []), key=lambda c: c["id"])
-        if not self.categories:
-            raise ValueError(f"{self.path} has no categories")
-        self.class_names = ["Background"] + [c["name"] for c in self.categories]
+        self.categories = self._check_categories(data["categories"])
+        self.class_names = [BACKGROUND] + [c["name"] for c in self.categories]
         self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
-        self.images = self._check_images(data.get("images", []))
+        self.images = self._check_images(data["images"])
         annotations = data.get("annotations", [])
         if annotations and not expect_annotations:
             self.notes[f"annotations ignored ({len(annotations)}): this json is read as unlabelled"] += 1
@@ -77,75 +89,272 @@ class Coco:
     def num_classes(self):
         return len(self.class_names)
 
+    @property
+    def classes(self):
+        """(category id, name) in label order: what two jsons must share for their labels to mean the same."""
+        return [(c["id"], c["name"]) for c in self.categories]
+
     def image_path(self, image):
         return os.path.join(self.root, image["file_name"])
 
+    def _error(self, what):
+        return UserError(f"{self.path}: {what}")
+
+    def _load(self, expect_annotations):
+        """(parsed json, hash of its bytes) once its top level has the keys this split needs."""
+        if not os.path.isfile(self.path):
+            raise UserError(f"json file {self.path} does not exist")
+        with open(self.path, "rb") as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw)
+        except ValueError as err:  # JSONDecodeError or UnicodeDecodeError
+            raise UserError(f"{self.path} is not valid json: {err}") from None
+        if not isinstance(data, dict):
+            raise self._error(f"the top level is a {type(data).__name__}, not an object with "
+                              "'images', 'categories' and 'annotations'")
+        for key in ("images", "categories", "annotations"):
+            if key not in data:
+                if key == "annotations" and not expect_annotations:
+                    continue
+                hint = (": it looks like an unlabelled (test) json; give a labelled json here"
+                        if key == "annotations" else "")
+                raise UserError(f"{self.path} has no '{key}' key{hint}")
+            if not isinstance(data[key], list):
+                raise self._error(f"'{key}' is a {type(data[key]).__name__}, not a list")
+        return data, hashlib.sha1(raw).hexdigest()[:16]
+
+    def _integer(self, record, key, where, positive=False):
+        """record[key] as an int: json numbers with an integer value (512 or 512.0); strings are refused."""
+        kind = "a positive integer" if positive else "an integer"
+        if key not in record:
+            raise self._error(f"{where} has no {key} ({kind})")
+        value = record[key]
+        number = _as_integer(value)
+        if number is None or (positive and number < 1):
+            quoted = " (a string: write the number without quotes)" if isinstance(value, str) else ""
+            raise self._error(f"{where}: {key} must be {kind}, not {value!r}{quoted}")
+        return number
+
+    def _check_categories(self, categories):
+        if not categories:
+            raise UserError(f"{self.path} has no categories")
+        if len(categories) > MAX_CATEGORIES:
+            raise self._error(f"{len(categories)} categories, but at most {MAX_CATEGORIES} fit the uint8 label masks "
+                              f"(label 0 is {BACKGROUND}, {IGNORE_INDEX} means ignore); merge or drop categories")
+        checked, names = {}, {}
+        for index, category in enumerate(categories):
+            if not isinstance(category, dict):
+                raise self._error(f"categories[{index}] is a {type(category).__name__}, not an object")
+            cat_id = self._integer(category, "id", f"categories[{index}]")
+            name = category.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise self._error(f"category {cat_id} needs a name (a non-empty string), not {name!r}")
+            if cat_id in checked:
+                raise self._error(f"category id {cat_id} appears twice ({checked[cat_id]['name']!r} and {name!r}); "
+                                  "give each category its own id")
+            key = name.strip().casefold()
+            if key == BACKGROUND.casefold():
+                raise self._error(f"category {cat_id} is named {name!r}, like the {BACKGROUND} class the toolkit adds "
+                                  "as label 0 for unannotated pixels; remove this category or rename it")
+            if key in names:
+                raise self._error(f"categories {names[key]} and {cat_id} are both named {name!r}; "
+                                  "give each category its own name")
+            checked[cat_id], names[key] = dict(category, id=cat_id), cat_id
+        return [checked[cat_id] for cat_id in sorted(checked)]
+
     def _check_images(self, images):
         if not images:
-            raise ValueError(f"{self.path} lists no images")
-        seen = set()
+            raise UserError(f"{self.path} lists no images")
+        checked, seen = [], set()
         root = os.path.abspath(self.root)
-        for image in images:
-            if image["id"] in seen:
-                raise ValueError(f"{self.path}: image id {image['id']} appears twice")
-            seen.add(image["id"])
-            name = image["file_name"]
+        for index, image in enumerate(images):
+            if not isinstance(image, dict):
+                raise self._error(f"images[{index}] is a {type(image).__name__}, not an object")
+            image_id = self._integer(image, "id", f"images[{index}]")
+            if image_id in seen:
+                raise self._error(f"image id {image_id} appears twice")
+            seen.add(image_id)
+            where = f"image {image_id}"
+            height = self._integer(image, "height", where, positive=True)
+            width = self._integer(image, "width", where, positive=True)
+            if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
+                raise self._error(f"{where} is {width}x{height} (WxH), larger than OpenCV reads "
+                                  f"({MAX_IMAGE_SIDE} pixels a side, {MAX_IMAGE_PIXELS} in all)")
+            name = image.get("file_name")
+            if not isinstance(name, str) or not name:
+                raise self._error(f"{where} needs a file_name (a non-empty string), not {name!r}")
             resolved = os.path.normpath(os.path.join(root, name))  # symlinked folders inside the root are fine
             if os.path.isabs(name) or not resolved.startswith(root + os.sep):
-                raise ValueError(f"{self.path}: image {image['id']} file_name {name!r} "
-                                 f"resolves outside the data root {self.root}")
-        return images
+                raise self._error(f"image {image_id} file_name {name!r} resolves outside the data root {self.root}")
+            checked.append(dict(image, id=image_id, height=height, width=width))
+        return checked
 
     def _group_annotations(self, annotations):
         by_image = {image["id"]: [] for image in self.images}
         sizes = {image["id"]: (image["height"], image["width"]) for image in self.images}
-        for ann in annotations:
-            where = f"{self.path}: annotation {ann.get('id')}"
-            if ann["category_id"] not in self.cat_to_label:
-                raise ValueError(f"{where} has unknown category id {ann['category_id']} "
-                                 f"(known: {sorted(self.cat_to_label)})")
-            if ann["image_id"] not in by_image:
-                raise ValueError(f"{where} refers to image id {ann['image_id']}, which is not in the json")
-            rle_size = ann["segmentation"]["size"] if isinstance(ann["segmentation"], dict) else None
-            if rle_size is not None and list(rle_size) != list(sizes[ann["image_id"]]):
-                # an RLE cannot be clipped: its runs would wrap onto the wrong rows
-                raise ValueError(f"{where} has an RLE of size {list(rle_size)} (HxW), "
-                                 f"but image {ann['image_id']} is {list(sizes[ann['image_id']])}")
-            segmentation = _usable_segmentation(ann["segmentation"], *sizes[ann["image_id"]], self.notes)
+        for index, ann in enumerate(annotations):
+            if not isinstance(ann, dict):
+                raise self._error(f"annotations[{index}] is a {type(ann).__name__}, not an object")
+            where = f"annotation {ann['id']}" if "id" in ann else f"annotations[{index}] (no id)"
+            image_id = self._integer(ann, "image_id", where)
+            category_id = self._integer(ann, "category_id", where)
+            if category_id not in self.cat_to_label:
+                raise self._error(f"{where} has unknown category id {category_id} (known: {sorted(self.cat_to_label)})")
+            if image_id not in by_image:
+                raise self._error(f"{where} refers to image id {image_id}, which is not in the json")
+            height, width = sizes[image_id]
+            segmentation = _usable_segmentation(self._segmentation(ann, where, image_id, height, width), height, width,
+                                                self.notes)
             if segmentation is None:
-                self.notes["annotations skipped: degenerate polygon (under 3 points or zero area)"] += 1
+                self.notes["annotations skipped: degenerate polygon (under 3 points, odd coordinate count "
+                           "or zero area)"] += 1
                 continue
-            area = ann.get("area") or float(mask_utils.area(segmentation_rle(segmentation, *sizes[ann["image_id"]])))
-            by_image[ann["image_id"]].append(dict(ann, segmentation=segmentation, area=area))
+            area = ann.get("area")
+            if _as_number(area) is None or not area > 0:  # missing, zero or not a finite number: measure it
+                area = float(mask_utils.area(segmentation_rle(segmentation, height, width)))
+            by_image[image_id].append(dict(ann, image_id=image_id, category_id=category_id,
+                                           segmentation=segmentation, area=area))
         return by_image
+
+    def _segmentation(self, ann, where, image_id, height, width):
+        """The annotation's polygons (each a flat list of finite numbers) or RLE; a bbox-only one becomes its box."""
+        segmentation = ann.get("segmentation")
+        if segmentation is None:
+            if "bbox" not in ann:
+                raise self._error(f"{where} has neither a segmentation nor a bbox")
+            x, y, w, h = self._coordinates(ann["bbox"], where, "bbox", count=4)
+            self.notes["annotations without a segmentation painted as their bbox"] += 1
+            return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        if isinstance(segmentation, dict):
+            return self._checked_rle(segmentation, where, image_id, height, width)
+        if not isinstance(segmentation, list):
+            raise self._error(f"{where}: segmentation must be a list of polygons or an RLE object, "
+                              f"not {type(segmentation).__name__}")
+        if segmentation and all(_as_number(v) is not None for v in segmentation):
+            self.notes["flat polygons (coordinates not nested in a list) read as one polygon"] += 1
+            segmentation = [segmentation]
+        return [self._coordinates(part, where, "polygon") for part in segmentation]
+
+    def _coordinates(self, values, where, what, count=None):
+        """A list of finite numbers, or a UserError naming the first bad value (NaN, inf, a string...)."""
+        array = np.array(values) if isinstance(values, list) else None
+        if array is not None and array.ndim == 1 and array.dtype.kind in "iuf" and np.isfinite(array).all() \
+                and count in (None, len(values)):
+            return values
+        if not isinstance(values, list) or count not in (None, len(values)):
+            shape = f"{count} numbers" if count else "a list of numbers"
+            raise self._error(f"{where}: {what} must be {shape}, not {values!r:.80}")
+        bad = next(v for v in values if _as_number(v) is None)
+        raise self._error(f"{where}: {what} coordinate {bad!r:.40} is not a finite number; fix or remove this annotation")
+
+    def _checked_rle(self, rle, where, image_id, height, width):
+        size, counts = rle.get("size"), rle.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and all(_as_integer(s) is not None for s in size)):
+            raise self._error(f"{where}: RLE size must be [height, width], not {size!r:.40}")
+        if [_as_integer(s) for s in size] != [height, width]:
+            # an RLE cannot be clipped: its runs would wrap onto the wrong rows
+            raise self._error(f"{where} has an RLE of size {list(size)} (HxW), but image {image_id} is "
+                              f"{[height, width]}")
+        if isinstance(counts, str):
+            return rle
+        if not (isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)
+                and sum(counts) == height * width):
+            raise self._error(f"{where}: RLE counts must be a string or run lengths (non-negative integers) "
+                              f"that add up to height x width = {height * width}")
+        return rle
 
     def report_notes(self):
         for note, count in sorted(self.notes.items()):
             print(f"{self.path}: {note}: {count}")
 
 
+def check_same_classes(source, classes, reference, expected, fix="use the same categories (names and ids)"):
+    """Refuse `source` unless its class list equals `reference`'s: its labels would mean other classes.
+
+    Jsons compare `Coco.classes` (ids and names); checkpoints and pseudo-labels, which keep names only, `class_names`.
+    `fix` tells the user what to do next.
+    """
+    classes, expected = list(classes), list(expected)
+    if classes != expected:
+        first = next((i for i, pair in enumerate(zip(classes, expected)) if pair[0] != pair[1]),
+                     min(len(classes), len(expected)))
+        ours, theirs = (names[first] if first < len(names) else "nothing" for names in (classes, expected))
+        raise UserError(f"the classes of {source}, {classes}, differ from those of {reference}, {expected} "
+                        f"(first difference: {ours!r} vs {theirs!r}): labels would mean different classes; {fix}")
+
+
+def _as_number(value):
+    """A json number that is finite (int or float; not bool, not a string); None for anything else."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        return value if math.isfinite(value) else None
+    except OverflowError:  # an int too large for a float
+        return None
+
+
+def _as_integer(value):
+    """An int from a json number with an integer value (512 or 512.0); None for anything else."""
+    number = _as_number(value)
+    if number is None or number != int(number):
+        return None
+    return int(number)
+
+
 def _usable_segmentation(segmentation, height, width, notes):
-    """Drop polygon parts with fewer than 3 points or zero area; None when nothing is left."""
+    """Polygon parts that can be painted; None when nothing is left.
+
+    Parts with fewer than 3 points, an odd number of coordinates or zero area
+    are dropped and counted. Parts reaching more than one image size outside
+    the image are cut to that margin first, so rasterising them costs memory in
+    proportion to the image, not to the coordinates.
+    """
     if isinstance(segmentation, dict):
         return segmentation
     parts = []
     for part in segmentation:
-        if len(part) < 6 or len(part) % 2:
+        if len(part) % 2:
+            notes["polygon parts skipped: odd number of coordinates"] += 1
+            continue
+        if len(part) < 6:
             notes["polygon parts skipped: under 3 points"] += 1
             continue
         coords = np.asarray(part, dtype=np.float64).reshape(-1, 2)
         if _polygon_area(coords) == 0:
             notes["polygon parts skipped: zero area"] += 1
             continue
-        if coords.min() < 0 or (coords[:, 0] > width).any() or (coords[:, 1] > height).any():
+        low, high = coords.min(0), coords.max(0)
+        if low.min() < 0 or high[0] > width or high[1] > height:
             notes["polygons clipped to the image border"] += 1
+        if low[0] < -width or low[1] < -height or high[0] > 2 * width or high[1] > 2 * height:
+            coords = clip_polygon(coords, -width, -height, 2 * width, 2 * height)
+            if len(coords) < 3 or _polygon_area(coords) == 0:
+                continue  # wholly outside: paints nothing
+            part = coords.ravel().tolist()
         parts.append(part)
     return parts or None
 
 
 def _polygon_area(coords):
-    x, y = coords[:, 0], coords[:, 1]
-    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+    x, y = coords[:, 0], coords[:, 1]  # shoelace formula; the last term closes the polygon
+    return 0.5 * abs(np.dot(x[1:], y[:-1]) - np.dot(y[1:], x[:-1]) + x[0] * y[-1] - y[0] * x[-1])
+
+
+def clip_polygon(coords, x_min, y_min, x_max, y_max):
+    """Sutherland-Hodgman: an N x 2 polygon cut to an axis-aligned box (exact, the box being convex)."""
+    for axis, bound, keep in ((0, x_min, np.greater_equal), (0, x_max, np.less_equal),
+                              (1, y_min, np.greater_equal), (1, y_max, np.less_equal)):
+        inside = keep(coords[:, axis], bound)
+        cut = []
+        for p, q, p_in, q_in in zip(coords, np.roll(coords, -1, 0), inside, np.roll(inside, -1)):
+            if p_in:
+                cut.append(p)
+            if p_in != q_in:  # the edge crosses the bound: interpolate from its inside end, where it is exact
+                a, b = (p, q) if p_in else (q, p)
+                cut.append(a + (bound - a[axis]) / (b[axis] - a[axis]) * (b - a))
+        coords = np.array(cut).reshape(-1, 2)
+    return coords
 
 
 def segmentation_rle(segmentation, height, width):
@@ -576,6 +785,43 @@ def _stackable(field):
     return len({x.shape for x in field}) == 1
 
 
+def image_overlap(train_sets, val_set):
+    """How many `val_set` images also appear in `train_sets`, by each kind of match.
+
+    Returns {"file name": n, "resolved path": n, "content": n, "same file": n}; "same
+    file" counts images that are one file (resolved path) or identical bytes. Content
+    is hashed only for files whose byte size equals a training file's: cheap, as
+    sizes rarely agree by chance. Missing files are left to the image reader.
+    """
+    def files(dataset):
+        return [(info["file_name"], os.path.realpath(dataset.coco.image_path(info))) for info in dataset.images]
+
+    train = [entry for dataset in train_sets for entry in files(dataset)]
+    names, paths = {name for name, _ in train}, {path for _, path in train}
+    by_size = collections.defaultdict(list)
+    for path in paths:
+        if os.path.isfile(path):
+            by_size[os.path.getsize(path)].append(path)
+    digests = {}
+
+    def digest(path):
+        if path not in digests:
+            with open(path, "rb") as f:
+                digests[path] = hashlib.file_digest(f, "sha1").hexdigest()
+        return digests[path]
+
+    counts = collections.Counter()
+    for name, path in files(val_set):
+        same_path = path in paths
+        same_size = by_size.get(os.path.getsize(path), []) if os.path.isfile(path) else []
+        same_bytes = any(digest(path) == digest(other) for other in same_size)
+        counts["file name"] += name in names
+        counts["resolved path"] += same_path
+        counts["content"] += same_bytes
+        counts["same file"] += same_path or same_bytes
+    return {key: counts[key] for key in ("file name", "resolved path", "content", "same file")}
+
+
 def seeded_index(key, transform):
     """Training datasets are read with `(index, augmentation seed)` keys: seed the transform, return the index."""
     index, seed = key if isinstance(key, tuple) else (key, None)
@@ -626,29 +872,142 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
-def augmentation_seed(seed, epoch, index):
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def augmentation_seed(seed, epoch, index, *more):
+    return int(np.random.SeedSequence([seed, epoch, index, *more]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- rare classes
+def image_labels(dataset):
+    """Per image of a SegmentationDataset: the set of labels its annotations hold (background not counted)."""
+    to_label = dataset.coco.cat_to_label
+    return [{to_label[ann["category_id"]] for ann in dataset.coco.anns_by_image[image["id"]]}
+            for image in dataset.images]
+
+
+def repeat_factors(label_sets, thresh):
+    """LVIS repeat factor of each image (Gupta et al. 2019): r_i = max over its classes c of max(1, sqrt(t / f_c)).
+
+    f_c is the fraction of images holding class c; an image without classes, or given as None
+    (an image whose classes are unknown, e.g. pseudo-labelled), gets 1.
+    """
+    if not thresh > 0:
+        raise ValueError(f"the repeat threshold must be > 0, got {thresh}")
+    known = [labels for labels in label_sets if labels is not None]
+    images_holding = collections.Counter(label for labels in known for label in labels)
+    class_factor = {label: max(1.0, math.sqrt(thresh * len(known) / count)) for label, count in images_holding.items()}
+    return np.array([max((class_factor[label] for label in labels or ()), default=1.0) for labels in label_sets])
+
+
+def concat_repeat_factors(parts, thresh):
+    """repeat_factors over the images of a SeededConcatDataset's parts; parts without a COCO json get 1."""
+    label_sets = []
+    for part in parts:
+        label_sets += image_labels(part) if isinstance(part, SegmentationDataset) else [None] * len(part)
+    return repeat_factors(label_sets, thresh)
+
+
+class RepeatFactorSampler(ResumableSampler):
+    """ResumableSampler whose epoch holds image i floor(r_i) or ceil(r_i) times (stochastic rounding).
+
+    The epoch list depends on (run seed, epoch) alone: the same for any number of workers and
+    after a resume. It is cut or wrapped to round(sum r_i) draws so every epoch has the same
+    length (the schedule counts steps), then padded and dealt to the processes as
+    DistributedSampler does. Each draw's augmentation seed also depends on its place in the
+    epoch, so two copies of one image are augmented differently.
+    """
+
+    def __init__(self, dataset, factors, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.factors = np.asarray(factors, dtype=np.float64)
+        if len(self.factors) != len(dataset) or not (self.factors >= 1).all():
+            raise ValueError(f"need one repeat factor >= 1 per image ({len(dataset)}), got {len(self.factors)}")
+        self.epoch_length = round(self.factors.sum())
+        self.num_samples = math.ceil(self.epoch_length / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def epoch_indices(self):
+        """The image indices of the whole epoch, every process's share included."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        whole = np.floor(self.factors)
+        copies = whole + (rng.random(len(self.factors)) < self.factors - whole)
+        drawn = rng.permutation(np.repeat(np.arange(len(self.factors)), copies.astype(np.int64)))
+        return np.resize(drawn, self.total_size)
+
+    def __iter__(self):
+        indices = self.epoch_indices()
+        places = range(self.rank, self.total_size, self.num_replicas)
+        for place in itertools.islice(places, self.skip, None):
+            yield int(indices[place]), augmentation_seed(self.seed, self.epoch, int(indices[place]), place)
+
+
+class RareClassCrop(A.RandomResizedCrop):
+    """RandomResizedCrop that retries so that the crop is not one class and keeps a rare class.
+
+    Up to `tries` candidate crops are drawn; the first is taken in which no class covers more
+    than `max_ratio` of the labelled pixels (MMSegmentation's cat_max_ratio; 255 not counted)
+    and which holds a pixel of `rare_labels` whenever the image does. If none qualifies, the
+    candidate holding a rare class with the smallest largest-class share is taken. All draws
+    come from the transform's own generators, so `Compose.set_random_seed` makes it repeatable.
+    """
+
+    def __init__(self, size, scale=(0.35, 1.0), rare_labels=(), max_ratio=0.75, tries=10, p=1.0):
+        super().__init__(size=size, scale=scale, p=p)
+        if not 0 < max_ratio <= 1 or tries < 1:
+            raise ValueError(f"RareClassCrop needs 0 < max_ratio <= 1 and tries >= 1, got {max_ratio}, {tries}")
+        self.rare_labels, self.max_ratio, self.tries = np.array(sorted(rare_labels), dtype=np.int64), max_ratio, tries
+
+    def get_params_dependent_on_data(self, params, data):
+        mask = data.get("mask")
+        if mask is None:
+            return super().get_params_dependent_on_data(params, data)
+        has_rare = self._holds_rare(np.bincount(mask.ravel(), minlength=256))
+        best = None
+        for _ in range(self.tries):
+            crop = super().get_params_dependent_on_data(params, data)
+            x_min, y_min, x_max, y_max = crop["crop_coords"]
+            counts = np.bincount(mask[y_min:y_max, x_min:x_max].ravel(), minlength=256)
+            score = (self._holds_rare(counts) or not has_rare, -self._largest_share(counts))
+            if score[0] and -score[1] <= self.max_ratio:
+                return crop
+            if best is None or score > best[0]:
+                best = score, crop
+        return best[1]
+
+    def _holds_rare(self, counts):
+        return bool(counts[self.rare_labels].any())
+
+    @staticmethod
+    def _largest_share(counts):
+        labelled = counts[:IGNORE_INDEX]
+        return labelled.max() / max(labelled.sum(), 1)
 
 
 # ---------------------------------------------------------------- augmentation
-def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=()):
+def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=(), crop_rare=None):
     """An albumentations pipeline: `extra` transforms first, then the preset, resize, normalise.
 
     preset "eval" is the deterministic resize used for validation and inference;
-    `size=None` keeps the image size (no resize, no crop).
+    `size=None` keeps the image size (no resize, no crop). `crop_rare`: RareClassCrop
+    options (rare_labels, max_ratio); the presets light and strong then crop with it
+    (light instead of its plain resize).
     """
     if preset not in AUGMENTATIONS + ("eval",):
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {AUGMENTATIONS}")
+    if crop_rare is not None and preset not in ("light", "strong"):
+        raise ValueError(f"rare-class crops need the light or strong augmentation preset, not {preset!r}")
     steps = list(extra)
+    crop = A.RandomResizedCrop if crop_rare is None else functools.partial(RareClassCrop, **crop_rare)
     if preset == "strong":
         steps += [
-            A.RandomResizedCrop(size=(size, size), scale=(0.35, 1.0)),
+            crop(size=(size, size), scale=(0.35, 1.0)),
             A.HorizontalFlip(),
             A.VerticalFlip(),
             A.RandomRotate90(),
             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
             A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
         ]
+    elif crop_rare is not None:
+        steps.append(crop(size=(size, size), scale=(0.35, 1.0)))
     elif size is not None:
         steps.append(A.Resize(size, size))
     if preset == "light":
@@ -715,7 +1074,7 @@ def kfold_splits(coco, n_splits=5, seed=0):
 def fold_image_ids(coco, fold, n_splits=5, seed=0):
     """(train ids, val ids) of one fold."""
     if not 0 <= fold < n_splits:
-        raise ValueError(f"fold must be in 0..{n_splits - 1}, not {fold}")
+        raise UserError(f"--fold must be in 0..{n_splits - 1} (--n-folds {n_splits}), not {fold}")
     val_ids = kfold_splits(coco, n_splits, seed)[fold]
     val = set(val_ids)
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
@@ -728,11 +1087,13 @@ def write_subset(root, json_name, n, seed=0):
     annotations (e.g. few-label experiments: train on one, pseudo-label the other).
     """
     path = os.path.join(root, json_name)
+    Coco(path, root)  # refuses a json the training would refuse, before anything is written
     with open(path) as f:
         coco = json.load(f)
     image_ids = [image["id"] for image in coco["images"]]
     if not 0 < n < len(image_ids):
-        raise ValueError(f"{path} has {len(image_ids)} images; the subset size must be 1..{len(image_ids) - 1}, not {n}")
+        raise UserError(f"{path} has {len(image_ids)} images; the subset size must be 1..{len(image_ids) - 1}, not {n}: "
+                        f"pass another --n")
     chosen = set(np.random.default_rng(seed).choice(image_ids, n, replace=False).tolist())
     stem = os.path.splitext(json_name)[0]
     written = []
@@ -778,7 +1139,7 @@ def parse_sizes(text):
     return sizes
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-demo", help="build the synthetic demo dataset")
@@ -794,12 +1155,21 @@ def main():
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
     summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area")
+    summary.add_argument("--report", default=None, metavar="DIR",
+                         help="also write charts, report.json and index.html to this folder (see docs/reports.md)")
+    summary.add_argument("--fold", type=int, default=None,
+                         help="with --report: chart the per-fold class balance of train.py's k-fold split")
+    summary.add_argument("--n-folds", type=int, default=5)
+    summary.add_argument("--fold-seed", type=int, default=0)
     subset = commands.add_parser("subset", help="split a json into N random images and the rest")
     subset.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     subset.add_argument("--json", default="train.json", help="json file, relative to the root")
     subset.add_argument("--n", type=int, required=True, help="images in the subset")
     subset.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     if args.command == "make-demo":
         from demo import make_demo
 
@@ -809,11 +1179,23 @@ def main():
         return
     if args.root == DEFAULT_DATA_ROOT:
         ensure_demo(args.root)
+    require_json(args.root, args.json, "--json")
     if args.command == "subset":
         print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))
     else:
         summarise(args.root, args.json, args.paint_order)
+        if args.report:
+            write_summary_report(args)
+
+
+def write_summary_report(args):
+    import report  # matplotlib is loaded only when a report is asked for
+
+    if args.fold is not None and not 0 <= args.fold < args.n_folds:
+        raise ValueError(f"--fold must be in 0..{args.n_folds - 1}, not {args.fold}")
+    dataset = SegmentationDataset(args.root, args.json, mode="val", paint_order=args.paint_order)
+    print("wrote " + report.write_dataset_report(dataset, args.report, args.fold, args.n_folds, args.fold_seed))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, get_args_parser())

@@ -4,16 +4,19 @@
     python inference.py --checkpoints "runs/*-fold*" --tta --tta-vflip --tta-scales 0.75 1.0 1.25
     python inference.py --json val.json --eval            # score a labelled json
     python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
+    python inference.py --json val.json --eval --report reports/val   # charts and the worst images
     python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # a folder of photos
     python inference.py --images big_photo.jpg --tile 512 --save-masks masks/     # huge photos, window by window
 
 Each checkpoint describes itself (model, encoder, classes, image size,
-normalisation), so nothing else is needed. Softmax probabilities are averaged
+normalisation), so nothing else is needed. ONNX files written by export.py work
+wherever a checkpoint does (run with onnxruntime; ensembles may mix both). Softmax probabilities are averaged
 over test-time augmentations and over checkpoints.
 """
 import argparse
 import collections
 import glob
+import json
 import os
 
 import albumentations as A
@@ -33,7 +36,8 @@ import utils
 def add_ensemble_args(p):
     """Flags shared by the scripts that predict with an ensemble (this one and pseudo_label.py)."""
     p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
-                   help="checkpoint files, run folders (their best.pt) or globs; probabilities are averaged")
+                   help="checkpoint files, run folders (their best.pt), ONNX files from export.py or globs; "
+                        "probabilities are averaged")
     p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
@@ -77,9 +81,17 @@ def get_args_parser():
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
+    p.add_argument("--paint-order", choices=data.PAINT_ORDERS, default=None,
+                   help="overlap rule of the ground truth for --eval and --oof (default: the checkpoints' training's)")
     p.add_argument("--save-masks", default=None,
                    help="folder for paletted PNG label maps <stem>.png, at each photo's size as displayed")
     p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels <stem>.png")
+    p.add_argument("--vote", choices=VOTES, default="soft",
+                   help="ensemble vote: soft averages probabilities; hard takes each pixel's majority class "
+                        "(ties go to the highest mean probability)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="with --eval or --oof: write the evaluation report (charts, report.json, index.html) here")
+    p.add_argument("--report-worst", type=int, default=12, metavar="K", help="worst images shown in the report")
     return p
 
 
@@ -103,9 +115,9 @@ class Member(torch.nn.Module):
                                   **checkpoint["model_kwargs"])
         net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
-        self.probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
-        if tta_transforms is not None:
-            self.probs = tta.SegmentationTTAWrapper(self.probs, tta_transforms, merge_mode="mean")
+        self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
+        probs = NormalisedSoftmax(models.prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
+        self.probs = with_tta(probs, tta_transforms)
 
     def forward(self, images):
         square = (self.size, self.size)
@@ -120,14 +132,13 @@ class Member(torch.nn.Module):
         MMSegmentation's slide inference: tiling.size x tiling.size windows of photo pixels cover the
         image, the last one of each row and column aligned to the border; each window is predicted
         as forward() predicts an image, and overlapping probabilities are averaged. At most
-        tiling.batch_size windows are on the device at once, whatever the photo's size.
+        tiling.batch_size windows are on tiling.device at once, whatever the photo's size.
         """
-        device = next(self.parameters()).device
         boxes = window_boxes(image.shape[-2:], tiling.size, tiling.overlap)
         total, count = None, torch.zeros(image.shape[-2:])
         for start in range(0, len(boxes), tiling.batch_size):
             chunk = boxes[start:start + tiling.batch_size]
-            windows = torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]).to(device)
+            windows = torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]).to(tiling.device)
             probs = self(windows).float().cpu()
             if total is None:
                 total = torch.zeros((probs.shape[1], *image.shape[-2:]))
@@ -153,12 +164,18 @@ def window_boxes(image_hw, tile, overlap):
     return [(y0, y1, x0, x1) for y0, y1 in spans(image_hw[0]) for x0, x1 in spans(image_hw[1])]
 
 
-Tiling = collections.namedtuple("Tiling", "size overlap batch_size")
+Tiling = collections.namedtuple("Tiling", "size overlap batch_size device")
 
 
 def build_tiling(args):
     """The window settings --tile asks for; None without --tile (images are resized whole)."""
-    return Tiling(args.tile, args.tile_overlap, args.batch_size) if args.tile else None
+    return Tiling(args.tile, args.tile_overlap, args.batch_size, args.device) if args.tile else None
+
+
+def with_tta(probs, tta_transforms):
+    if tta_transforms is None:
+        return probs
+    return tta.SegmentationTTAWrapper(probs, tta_transforms, merge_mode="mean")
 
 
 class NormalisedSoftmax(torch.nn.Module):
@@ -172,6 +189,76 @@ class NormalisedSoftmax(torch.nn.Module):
         return self.net((x - self.mean) / self.std).float().softmax(1)
 
 
+class OnnxMember(Member):
+    """An ONNX file from export.py run by onnxruntime, with Member's interface.
+
+    Images are resized to the export size and rounded to uint8, the model's input type.
+    """
+
+    def __init__(self, description, tta_transforms=None):
+        torch.nn.Module.__init__(self)
+        path = description["path"]
+        if description["output"] != "probabilities":
+            raise utils.UserError(f"{path} outputs {description['output']}, not probabilities: export it "
+                                  f"again without --labels to predict with it here")
+        if tta_transforms is not None and any(isinstance(t, tta.Scale) for t in tta_transforms.aug_transforms):
+            raise utils.UserError(f"{path} takes {description['input_size']} inputs only, so --tta-scales "
+                                  f"cannot run on it: use --tta without scales, or the checkpoint")
+        height, width = description["input_size"]
+        if height != width:
+            raise utils.UserError(f"{path} takes {height}x{width} inputs; export.py writes square ones: export again")
+        self.size = height
+        self.paint_order = description["paint_order"]
+        self.probs = with_tta(OnnxProbabilities(description["session"]), tta_transforms)
+
+
+class OnnxProbabilities(torch.nn.Module):
+    """[0, 1] float images at the export size -> the ONNX model's probabilities, on the images' device."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x):
+        images = (x.float() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        probs = self.session.run(None, {self.input_name: images})[0]
+        return torch.from_numpy(probs).to(x.device)
+
+
+def onnx_metadata(description):
+    """A model description as ONNX metadata: one entry per field, its value as JSON."""
+    return {key: json.dumps(value) for key, value in description.items()}
+
+
+def open_onnx(path, device="cpu"):
+    """An onnxruntime session for an export.py file and its description (+ "path" and "session")."""
+    import onnxruntime as ort  # only ONNX files need it
+
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(path, providers=providers)
+    except Exception as err:  # onnxruntime raises its own types for truncated or foreign files
+        raise utils.UserError(f"{path} cannot be loaded by onnxruntime (truncated or not an ONNX model): "
+                              f"{err}") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("class_names", "input_size", "output") if key not in metadata]
+    if missing:
+        raise utils.UserError(f"{path} lacks the metadata {missing}: it was not written by export.py; export "
+                              f"the checkpoint with export.py")
+    description = {key: json.loads(value) for key, value in metadata.items()}
+    return {**description, "path": path, "session": session}
+
+
+def load_model_file(path, device="cpu"):
+    """A checkpoint, or the description of an ONNX file (Member or OnnxMember takes either)."""
+    if path.lower().endswith(".onnx"):
+        return open_onnx(path, device)
+    return utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
+
+
 def expand_checkpoints(patterns):
     """Files, run folders (-> best.pt) and globs -> sorted checkpoint paths."""
     paths = []
@@ -180,55 +267,85 @@ def expand_checkpoints(patterns):
             paths.append(os.path.join(match, "best.pt") if os.path.isdir(match) else match)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"no checkpoint at {', '.join(missing)}")
+        raise utils.UserError(f"no checkpoint at {', '.join(missing)}: train first (python train.py --output "
+                              f"runs/NAME), or pass --checkpoints with checkpoint files, run folders or globs")
     return paths
 
 
-def load_ensemble(patterns, device, tta_transforms=None, tiling=None):
-    """(model averaging all members' probabilities, class names)."""
+def load_ensemble(patterns, device, tta_transforms=None, vote="soft", tiling=None):
+    """(model combining all members' probabilities by `vote`, class names)."""
     paths = expand_checkpoints(patterns)
-    checkpoints = [utils.load_checkpoint(p, required_keys=utils.MODEL_KEYS) for p in paths]
-    return build_ensemble(paths, checkpoints, device, tta_transforms, tiling)
+    checkpoints = [load_model_file(p, device) for p in paths]
+    return build_ensemble(paths, checkpoints, device, tta_transforms, vote, tiling)
 
 
-def build_ensemble(paths, checkpoints, device, tta_transforms=None, tiling=None):
-    """Loaded checkpoints (all predicting the same classes) -> (ensemble, class names)."""
+def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft", tiling=None):
+    """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
-        if checkpoint["class_names"] != class_names:
-            raise ValueError(f"{path} predicts {checkpoint['class_names']}, {paths[0]} predicts {class_names}")
-    ensemble = Ensemble([Member(c, tta_transforms) for c in checkpoints], tiling).to(device).eval()
+        data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
+    members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
+    ensemble = Ensemble(members, vote, tiling).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
 
 
-class Ensemble(torch.nn.Module):
-    """The members' probabilities averaged: images in the form Member takes (a batch tensor or a list
-    of images of different sizes), probabilities out in the same form, each at its image's size.
+VOTES = ("soft", "hard")
 
-    With `tiling`, each image is predicted window by window (Member.slide) and its probabilities
-    come back as a list on the CPU; the images may then stay on the CPU too.
+
+class Ensemble(torch.nn.Module):
+    """Members' class probabilities combined per pixel: averaged (soft vote) or by majority (hard vote).
+
+    The hard vote returns (votes + mean probability) / (members + 1): still a distribution over
+    the classes, whose argmax is the majority class, ties going to the highest mean probability
+    (vote counts differ by whole numbers, mean probabilities by less than 1).
+
+    Images come in the form Member takes (a batch tensor or a list of images of different sizes)
+    and probabilities go out in the same form, each at its image's size. With `tiling`, each image
+    is predicted window by window (Member.slide) and its probabilities come back in a list on the CPU.
     """
 
-    def __init__(self, members, tiling=None):
+    def __init__(self, members, vote="soft", tiling=None):
         super().__init__()
+        if vote not in VOTES:
+            raise ValueError(f"unknown vote {vote!r}; use one of {', '.join(VOTES)}")
         self.members = torch.nn.ModuleList(members)
+        self.vote = vote
         self.tiling = tiling
 
     def forward(self, images):
         if self.tiling is not None:
-            return [self.slide_mean(image) for image in images]
+            return [self.combine([m.slide(image, self.tiling) for m in self.members]) for image in images]
         outputs = [m(images) for m in self.members]
-        if torch.is_tensor(images):
-            return torch.stack(outputs).mean(0)
-        return [torch.stack(per_member).mean(0) for per_member in zip(*outputs)]
+        if torch.is_tensor(outputs[0]):
+            return self.combine(outputs)
+        return [self.combine(per_member) for per_member in zip(*outputs)]
 
-    def slide_mean(self, image):
-        """The members' tiled probabilities of one image, averaged in place: host memory for one C x H x W sum."""
-        total = self.members[0].slide(image, self.tiling)
-        for member in self.members[1:]:
-            total += member.slide(image, self.tiling)
-        return total.div_(len(self.members))
+    def combine(self, member_probs):
+        """The members' probabilities of one batch (N x C x H x W each) or one image (C x H x W) -> the vote's."""
+        if self.vote == "soft" and len(member_probs) == 1:
+            return member_probs[0]  # no stacked copy: a tiled photo's probabilities can be large
+        probs = torch.stack(member_probs)
+        mean = probs.mean(0)
+        if self.vote == "soft":
+            return mean
+        votes = F.one_hot(probs.argmax(-3), probs.shape[-3]).sum(0).movedim(-1, -3)
+        return (votes + mean) / (len(self.members) + 1)
+
+
+def eval_paint_order(ensemble, paths, override=None):
+    """The overlap rule to paint the ground truth with: --paint-order, else the members' training's.
+
+    Members trained with different rules are named, and the first one's rule is used.
+    """
+    if override:
+        return override
+    orders = [member.paint_order for member in ensemble.members]
+    if len(set(orders)) > 1:
+        print("warning: the ensemble's members were trained with different paint orders ("
+              + ", ".join(f"{path}: {order}" for path, order in zip(paths, orders))
+              + f"); the ground truth is painted with {orders[0]}; choose with --paint-order")
+    return orders[0]
 
 
 def build_tta(args):
@@ -292,10 +409,28 @@ def save_outputs(args, info, image_path, mask, num_classes):
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
 
+def new_report(args, class_names):
+    """The evaluation report's accumulator, or None without --report."""
+    if not args.report:
+        return None
+    if not (args.eval or args.oof):
+        raise utils.UserError("--report scores predictions: add --eval (with a labelled --json) or use --oof")
+    if args.report_worst < 0:
+        raise utils.UserError(f"--report-worst must be 0 or more, not {args.report_worst}")
+    import report  # matplotlib is loaded only when a report is asked for
+
+    return report.EvalReport(class_names, args.report_worst)
+
+
+def finish_report(args, accumulator, title):
+    if accumulator is not None:
+        print("wrote " + accumulator.write(args.report, title))
+
+
 def run_oof(args):
     """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
     transforms = build_tta(args)
-    confusion, split, seen = None, None, {}
+    confusion, split, seen, first_order, accumulator = None, None, {}, None, None
     for path in expand_checkpoints([args.oof]):
         checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS + ("args",))
         run = checkpoint["args"]
@@ -307,27 +442,38 @@ def run_oof(args):
         if run["fold"] in seen:
             raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']]} and {path}")
         split, seen[run["fold"]] = run_split, path
-        ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms, build_tiling(args))
+        ensemble, class_names = build_ensemble([path], [checkpoint], args.device, transforms, tiling=build_tiling(args))
         coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
         _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
+        paint_order = eval_paint_order(ensemble, [path], args.paint_order)
+        first_order = first_order or paint_order
+        if paint_order != first_order:
+            print(f"warning: fold {run['fold']} paints the ground truth with {paint_order}, an earlier fold "
+                  f"with {first_order}: the folds were trained differently; choose one with --paint-order")
         dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", unit_range_transform(),
-                                           paint_order=run["paint_order"], image_ids=val_ids,
+                                           paint_order=paint_order, image_ids=val_ids,
                                            max_pixels=args.max_image_pixels)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                              collate_fn=data.collate_mixed)
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
+        accumulator = accumulator or new_report(args, class_names)
         for index, prob in predict(ensemble, loader, args.device, args.amp):
             fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
+            if accumulator is not None:
+                info = dataset.images[index]
+                accumulator.add(info, dataset.label_mask(index), prob.argmax(0).cpu().numpy(),
+                                dataset.coco.image_path(info))
         print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
         confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
     missing = sorted(set(range(run["n_folds"])) - set(seen))
     scores = utils.scores_from_confusion(confusion.cpu().numpy())
     print(f"out-of-fold over folds {sorted(seen)}" + (f" (missing folds {missing})" if missing else ""))
     print(utils.format_iou_table(class_names, scores))
+    finish_report(args, accumulator, f"Out-of-fold evaluation: {args.oof}")
     return scores
 
 
-def open_images(args, class_names):
+def open_images(args, ensemble, class_names):
     """(dataset, its image-path function): the --images files and folders, or the --json's images."""
     if args.images:
         if args.eval:
@@ -336,25 +482,30 @@ def open_images(args, class_names):
         return dataset, dataset.image_path
     if args.data_root == data.DEFAULT_DATA_ROOT:
         data.ensure_demo(args.data_root)
+    data.require_json(args.data_root, args.json, "--json")
     mode = "val" if args.eval else "test"
+    paint_order = eval_paint_order(ensemble, expand_checkpoints(args.checkpoints), args.paint_order) \
+        if args.eval else "area"
     dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=unit_range_transform(),
-                                       max_pixels=args.max_image_pixels)
+                                       paint_order=paint_order, max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
-    if dataset.class_names != class_names:
-        raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
+                            fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     return dataset, dataset.coco.image_path
 
 
 def main(args):
     if args.oof:
         return run_oof(args)
-    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args), build_tiling(args))
-    dataset, image_path = open_images(args, class_names)
+    ensemble, class_names = load_ensemble(args.checkpoints, args.device, build_tta(args), args.vote,
+                                          build_tiling(args))
+    dataset, image_path = open_images(args, ensemble, class_names)
     skipped = len(getattr(dataset, "skipped", []))
     # sequential order: predict() maps batch positions back to dataset.images
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=data.collate_mixed)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
+    accumulator = new_report(args, class_names)
     rows = []
     for index, prob in predict(ensemble, loader, args.device, args.amp):
         info = dataset.images[index]
@@ -367,14 +518,17 @@ def main(args):
             confusion.update(torch.from_numpy(dataset.label_mask(index)), mask)
         mask = mask.cpu().numpy()
         rows.append((info["file_name"], mask))
+        if accumulator is not None:
+            accumulator.add(info, dataset.label_mask(index), mask, image_path(info))
         save_outputs(args, info, image_path(info), mask, len(class_names))
     utils.write_submission(args.output, rows, len(class_names), expected_ids=[name for name, _ in rows])
     print(f"wrote {args.output} ({len(rows)} images" + (f"; {skipped} unreadable file(s) skipped)" if skipped else ")"))
     if args.eval:
         scores = confusion.compute()
         print(utils.format_iou_table(class_names, scores))
+        finish_report(args, accumulator, f"Evaluation of {', '.join(args.checkpoints)} on {args.json}")
         return scores
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser())

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOSS_NAMES = ("ce", "dice", "focal", "lovasz")
+LOSS_NAMES = ("ce", "dice", "focal", "lovasz", "ohem")
 
 
 def _one_hot(labels, num_classes, dim):
@@ -53,6 +53,38 @@ class CELoss(nn.Module):
         total = F.cross_entropy(logits, target, weight=self.weight, ignore_index=self.ignore_index,
                                 label_smoothing=self.label_smoothing, reduction="sum")
         return total / _mean_weight(target, self.weight, self.ignore_index)
+
+
+class OhemCELoss(CELoss):
+    """Cross-entropy over the hard pixels only: online hard example mining (MMSegmentation's OHEMPixelSampler).
+
+    A pixel is kept when the softmax probability of its true class is under `thresh`; when fewer
+    than `min_kept` per image (times the batch size) are, that many least confident pixels are
+    kept instead (all of them when the batch has fewer). The loss is CELoss over the kept pixels
+    (their weighted mean), so class weights and label smoothing apply as in ce. Unlike MMSeg,
+    which averages over every pixel, the dropped ones do not dilute the mean.
+    """
+
+    def __init__(self, weight=None, ignore_index=255, label_smoothing=0.0, thresh=0.7, min_kept=10000):
+        super().__init__(weight, ignore_index, label_smoothing)
+        if not 0 < thresh <= 1 or min_kept < 0:
+            raise ValueError(f"ohem needs 0 < thresh <= 1 and min_kept >= 0, got {thresh}, {min_kept}")
+        self.thresh, self.min_kept = thresh, min_kept
+
+    def forward(self, logits, target):
+        return super().forward(logits, self.hard_target(logits, target))
+
+    @torch.no_grad()
+    def hard_target(self, logits, target):
+        """`target` with every pixel that is not kept set to ignore_index."""
+        valid = target != self.ignore_index
+        true_prob = logits.softmax(1).gather(1, target.where(valid, 0).unsqueeze(1)).squeeze(1)
+        kept = valid & (true_prob < self.thresh)
+        want = min(self.min_kept * len(target), int(valid.sum()))
+        if kept.sum() < want:
+            hardest = true_prob.where(valid, math.inf).flatten().topk(want, largest=False).indices
+            kept = torch.zeros_like(kept).flatten().index_fill_(0, hardest, True).view_as(kept)
+        return target.where(kept, self.ignore_index)
 
 
 class FocalLoss(nn.Module):
@@ -157,6 +189,29 @@ class WeightedSumLoss(nn.Module):
         return sum(self.weights[name] * term(logits, target) for name, term in self.terms.items())
 
 
+class AuxiliaryLoss(nn.Module):
+    """`loss` of the main logits plus weighted `loss` of the auxiliary outputs.
+
+    Models with auxiliary heads (UperNet's FCN head, UNet++ deep supervision) return
+    [logits, aux_1, ...] in train mode and the logits alone in eval mode, which get the
+    main loss alone; `aux_weights` is the model's own list, one weight per aux output.
+    """
+
+    def __init__(self, loss, aux_weights=()):
+        super().__init__()
+        self.loss = loss
+        self.aux_weights = tuple(aux_weights)
+
+    def forward(self, outputs, target):
+        if isinstance(outputs, torch.Tensor):
+            return self.loss(outputs, target)
+        logits, *aux = outputs
+        if len(aux) != len(self.aux_weights):
+            raise ValueError(f"the model returned {len(aux)} auxiliary outputs, the loss has "
+                             f"{len(self.aux_weights)} weights for them")
+        return self.loss(logits, target) + sum(w * self.loss(a, target) for w, a in zip(self.aux_weights, aux))
+
+
 def parse_loss_spec(spec):
     """'ce:1,dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; a name without ':weight' has weight 1."""
     valid = f"valid names: {', '.join(LOSS_NAMES)}; write e.g. 'ce:1,dice:0.5'"
@@ -188,11 +243,13 @@ def _class_weight_tensor(class_weights, num_classes):
     return weight
 
 
-def build_loss(spec, num_classes, class_weights=None, ignore_index=255, label_smoothing=0.0, focal_gamma=2.0):
+def build_loss(spec, num_classes, class_weights=None, ignore_index=255, label_smoothing=0.0, focal_gamma=2.0,
+               ohem_thresh=0.7, ohem_min_kept=10000):
     """The weighted sum of losses named in `spec` (see parse_loss_spec).
 
-    `class_weights` (length num_classes) weight ce and are focal's per-class alpha; dice and
-    lovasz ignore them. `label_smoothing` applies to ce, `focal_gamma` to focal.
+    `class_weights` (length num_classes) weight ce and ohem and are focal's per-class alpha; dice and
+    lovasz ignore them. `label_smoothing` applies to ce and ohem, `focal_gamma` to focal,
+    `ohem_thresh` and `ohem_min_kept` (pixels per image) to ohem.
     """
     weight = _class_weight_tensor(class_weights, num_classes)
     makers = {
@@ -200,6 +257,7 @@ def build_loss(spec, num_classes, class_weights=None, ignore_index=255, label_sm
         "dice": lambda: DiceLoss(ignore_index),
         "focal": lambda: FocalLoss(focal_gamma, weight, ignore_index),
         "lovasz": lambda: LovaszLoss(ignore_index),
+        "ohem": lambda: OhemCELoss(weight, ignore_index, label_smoothing, ohem_thresh, ohem_min_kept),
     }
     return WeightedSumLoss({name: (w, makers[name]()) for name, w in parse_loss_spec(spec).items()})
 

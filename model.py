@@ -1,4 +1,4 @@
-"""Segmentation models on timm encoders: UNet++, UNet and DeepLabV3+, behind a small registry.
+"""Segmentation models on timm encoders: UNet++, UNet, DeepLabV3+, UperNet and SegFormer, behind a small registry.
 
     model = create_model("unetpp", "effb4", num_classes=11)
     logits = model(images)  # N,C,H,W floats -> N,num_classes,H,W logits, any H and W
@@ -7,6 +7,7 @@ Every model pads its input to a multiple of the encoder stride and crops the log
 odd sizes such as 500x375 work. Encoders come from timm (`features_only=True`); short aliases
 live in ENCODER_ALIASES and any other timm name passes through unchanged.
 """
+import inspect
 import os
 
 import timm
@@ -41,6 +42,8 @@ ENCODER_ALIASES = {
     "cnxt": "convnext_tiny.fb_in22k_ft_in1k",
     "cnxt-s": "convnext_small.fb_in22k_ft_in1k",
     "swin": "swin_tiny_patch4_window7_224.ms_in22k_ft_in1k",
+    "swin-s": "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+    "swin-b": "swin_base_patch4_window7_224.ms_in22k_ft_in1k",
 }
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)  # level i of every decoder sits at stride 2 ** (i + 1)
@@ -85,6 +88,10 @@ def create_model(name, encoder, num_classes, in_channels=3, pretrained=False, we
     """
     if name not in _MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    options = [p for p in inspect.signature(_MODEL_BUILDERS[name]).parameters if p not in ("encoder", "num_classes")]
+    unknown = sorted(set(kwargs) - set(options))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(options)}")
     return _MODEL_BUILDERS[name](
         encoder, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, weights=weights, **kwargs
     )
@@ -132,6 +139,10 @@ def _create_timm_model(name, pretrained, weights, **kwargs):
         ) from err
 
 
+class EncoderCannotDilate(ValueError):
+    """The timm model has no output_stride option (Swin and other window-attention models)."""
+
+
 class Encoder(nn.Module):
     """A timm backbone returning NCHW feature maps at strides 2 (or 4), 4, 8, 16 and 32.
 
@@ -160,7 +171,7 @@ class Encoder(nn.Module):
         except TypeError as err:  # timm passes unknown keyword arguments on to the model class
             if "output_stride" not in str(err):
                 raise
-            raise ValueError(f"encoder {name!r} cannot dilate to output_stride={output_stride}") from err
+            raise EncoderCannotDilate(f"encoder {name!r} cannot dilate to output_stride={output_stride}") from err
         self.name = name
         self.in_channels = in_channels
         self.levels = [ENCODER_STRIDES.index(r) for r in sorted(index_of_stride)]
@@ -379,6 +390,118 @@ class DeepLabV3PlusDecoder(nn.Module):
         return self.fuse(torch.cat([high, self.low_level(low)], dim=1))
 
 
+def adaptive_avg_pool_matrix(size, bins, device=None, dtype=None):
+    """(bins, size) matrix that averages like nn.AdaptiveAvgPool along one axis.
+
+    Bin i averages positions floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1, the
+    regions PyTorch's kernel uses; neighbouring bins overlap when bins does not divide size.
+    """
+    bin_index = torch.arange(bins, device=device)
+    start = bin_index * size // bins
+    end = ((bin_index + 1) * size + bins - 1) // bins
+    position = torch.arange(size, device=device)
+    inside = (position >= start[:, None]) & (position < end[:, None])
+    return inside.to(dtype) / (end - start)[:, None].to(dtype)
+
+
+class ExactAdaptiveAvgPool2d(nn.Module):
+    """nn.AdaptiveAvgPool2d as two small matrix products, so exported graphs stay exact.
+
+    ONNX export turns adaptive pooling into an AveragePool with one fixed kernel, which is wrong
+    when the output size does not divide the input size (pytorch issues #42653, #64806). The
+    matrices here come from the feature's own size, so every exported graph computes the same
+    region averages as PyTorch.
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x):
+        rows = adaptive_avg_pool_matrix(x.shape[-2], self.output_size, x.device, x.dtype)
+        cols = adaptive_avg_pool_matrix(x.shape[-1], self.output_size, x.device, x.dtype)
+        return torch.einsum("ih,nchw,jw->ncij", rows, x, cols)
+
+
+def _resize(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module as UperNet uses it: the features average-pooled to each
+    scale's grid, projected by a 1x1 conv, upsampled back, concatenated with the features and
+    fused by a 3x3 conv.
+
+    The pooled branches have no BatchNorm (a conv bias instead), like ImagePooling: a 1x1 grid
+    holds one value per channel and image, which BatchNorm cannot normalise at batch size 1.
+    """
+
+    def __init__(self, in_channels, channels, scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Sequential(ExactAdaptiveAvgPool2d(s), nn.Conv2d(in_channels, channels, 1), nn.ReLU(inplace=True))
+            for s in scales
+        )
+        self.bottleneck = ConvBnAct(in_channels + len(scales) * channels, channels, 3)
+
+    def forward(self, x):
+        pooled = [_resize(branch(x), x.shape[-2:]) for branch in self.branches]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+
+class UperNetDecoder(nn.Module):
+    """UperNet's head (Xiao et al., 2018) on the four stages at strides 4, 8, 16 and 32.
+
+    Pyramid pooling on the last stage starts an FPN top-down path: each earlier stage gets a 1x1
+    lateral conv plus the upsampled level above, then a 3x3 output conv. All levels are resized
+    to stride 4, concatenated and fused by a 3x3 conv.
+    """
+
+    def __init__(self, in_channels, channels=512, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = PyramidPooling(in_channels[-1], channels, pool_scales)
+        self.lateral = nn.ModuleList(ConvBnAct(c, channels, 1) for c in in_channels[:-1])
+        self.output = nn.ModuleList(ConvBnAct(channels, channels, 3) for _ in in_channels[:-1])
+        self.fuse = ConvBnAct(len(in_channels) * channels, channels, 3)
+
+    def forward(self, features):
+        """features: stride 4 ... stride 32 maps -> fused map at stride 4."""
+        top = self.ppm(features[-1])
+        levels = [top]  # stride 32 first
+        for lateral, output, x in zip(self.lateral[::-1], self.output[::-1], features[-2::-1]):
+            top = lateral(x) + _resize(top, x.shape[-2:])
+            levels.insert(0, output(top))
+        size = levels[0].shape[-2:]
+        return self.fuse(torch.cat([levels[0]] + [_resize(x, size) for x in levels[1:]], dim=1))
+
+
+class FCNHead(nn.Sequential):
+    """The auxiliary head trained beside UperNet (MMSegmentation's FCNHead): 3x3 conv-BN-ReLU,
+    dropout, 1x1 classifier."""
+
+    def __init__(self, in_channels, num_classes, channels=256, dropout=0.1):
+        super().__init__(ConvBnAct(in_channels, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+
+
+class SegFormerDecoder(nn.Module):
+    """SegFormer's all-MLP head (Xie et al., 2021): a linear (1x1) projection of each stage to
+    one width, resized to stride 4, concatenated and fused by a 1x1 conv-BN-ReLU.
+
+    Projecting before resizing is the same linear map and much cheaper at stride 4.
+    """
+
+    def __init__(self, in_channels, channels=256):
+        super().__init__()
+        self.project = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = ConvBnAct(len(in_channels) * channels, channels, 1)
+
+    def forward(self, features):
+        """features: stride 4 ... stride 32 maps -> fused map at stride 4."""
+        size = features[0].shape[-2:]
+        projected = [project(x) for project, x in zip(self.project, features)]
+        return self.fuse(torch.cat([projected[0]] + [_resize(x, size) for x in projected[1:]], dim=1))
+
+
 def _init_decoder(module):
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -397,6 +520,8 @@ class SegmentationModel(nn.Module):
     Activations run in channels_last memory format (oneDNN's native layout on CPU, tensor-core
     friendly on GPU); the logits are ordinary N,C,H,W tensors with channels_last strides.
     """
+
+    aux_weights = ()  # loss weights of the extra outputs a model returns in train mode, after the logits
 
     def __init__(self, encoder, num_classes):
         super().__init__()
@@ -428,12 +553,13 @@ class UNet(SegmentationModel):
 
     With deep_supervision=True (UNet++ only) a 1x1 head is added on each nested node of the
     finest level (X^{0,1..3} for CNN encoders); in train mode forward then returns a list
-    [main logits, aux logits X^{0,1}, X^{0,2}, ...], all at the input size. In eval mode, and
-    always when deep_supervision=False, it returns the main logits tensor only.
+    [main logits, aux logits X^{0,1}, X^{0,2}, ...], all at the input size, each aux output
+    weighted aux_weight in the loss (1: the paper's equal weights). In eval mode, and always when
+    deep_supervision=False, it returns the main logits tensor only.
     """
 
     def __init__(self, encoder, num_classes, decoder_channels=(256, 128, 64, 32, 16), attention=None,
-                 nested=True, deep_supervision=False):
+                 nested=True, deep_supervision=False, aux_weight=1.0):
         super().__init__(encoder, num_classes)
         if deep_supervision and not nested:
             raise ValueError("deep supervision needs the nested nodes of UNet++")
@@ -442,6 +568,7 @@ class UNet(SegmentationModel):
         self.aux_heads = None
         if deep_supervision:
             self.aux_heads = nn.ModuleList(nn.Conv2d(c, num_classes, 1) for c in self.decoder.top_row_channels)
+            self.aux_weights = (_check_aux_weight(aux_weight),) * len(self.aux_heads)
         _init_decoder(self.decoder)
 
     def segment(self, x):
@@ -477,12 +604,75 @@ class DeepLabV3Plus(SegmentationModel):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
+def _check_aux_weight(weight):
+    if not (isinstance(weight, (int, float)) and 0 <= weight < float("inf")):
+        raise ValueError(f"aux_weight must be a number >= 0, got {weight!r}")
+    return float(weight)
+
+
+def _stage_indices(encoder):
+    """Positions in the encoder's outputs of its stride 4, 8, 16 and 32 maps: the four stages
+    hierarchical transformers have, which UperNet and SegFormer read (a CNN's stride 2 is unused)."""
+    missing = [ENCODER_STRIDES[level] for level in (1, 2, 3, 4) if level not in encoder.levels]
+    if missing:
+        raise ValueError(f"encoder {encoder.name!r} has no feature map at stride {missing}; pick another encoder")
+    return [encoder.levels.index(level) for level in (1, 2, 3, 4)]
+
+
+class UperNet(SegmentationModel):
+    """UperNet head with dropout and a 1x1 classifier at stride 4, upsampled bilinearly.
+
+    With aux_weight > 0 an FCN head on the stride-16 stage is trained beside it: in train mode
+    forward returns [logits, aux logits], both at the input size, and the loss weights the aux
+    term aux_weight (0.4, as MMSegmentation). Eval mode and exported graphs use the logits alone.
+    """
+
+    def __init__(self, encoder, num_classes, channels=512, pool_scales=(1, 2, 3, 6), aux_weight=0.4,
+                 aux_channels=256, dropout=0.1):
+        super().__init__(encoder, num_classes)
+        self.stages = _stage_indices(encoder)
+        stage_channels = [encoder.channels[i] for i in self.stages]
+        self.decoder = UperNetDecoder(stage_channels, channels, tuple(pool_scales))
+        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        self.aux_head = None
+        if _check_aux_weight(aux_weight) > 0:
+            self.aux_head = FCNHead(stage_channels[2], num_classes, aux_channels, dropout)
+            self.aux_weights = (float(aux_weight),)
+            _init_decoder(self.aux_head[0])
+        _init_decoder(self.decoder)
+
+    def segment(self, x):
+        features = self.encoder(x)
+        stages = [features[i] for i in self.stages]
+        logits = _resize(self.head(self.decoder(stages)), x.shape[-2:])
+        if self.aux_head is None or not self.training:
+            return logits
+        return [logits, _resize(self.aux_head(stages[2]), x.shape[-2:])]
+
+
+class SegFormer(SegmentationModel):
+    """SegFormer's all-MLP head with dropout and a 1x1 classifier at stride 4, upsampled bilinearly."""
+
+    def __init__(self, encoder, num_classes, channels=256, dropout=0.1):
+        super().__init__(encoder, num_classes)
+        self.stages = _stage_indices(encoder)
+        self.decoder = SegFormerDecoder([encoder.channels[i] for i in self.stages], channels)
+        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        _init_decoder(self.decoder)
+
+    def segment(self, x):
+        features = self.encoder(x)
+        logits = self.head(self.decoder([features[i] for i in self.stages]))
+        return _resize(logits, x.shape[-2:])
+
+
 @register_model
 def unetpp(encoder, num_classes, in_channels=3, pretrained=False, weights=None, decoder_channels=(256, 128, 64, 32, 16),
-           attention=None, deep_supervision=False, encoder_kwargs=None):
-    """UNet++. attention: None or 'scse'. deep_supervision: see UNet. encoder_kwargs go to timm."""
+           attention=None, deep_supervision=False, aux_weight=1.0, encoder_kwargs=None):
+    """UNet++. attention: None or 'scse'. deep_supervision, aux_weight: see UNet. encoder_kwargs go to timm."""
     enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
-    return UNet(enc, num_classes, decoder_channels, attention, nested=True, deep_supervision=deep_supervision)
+    return UNet(enc, num_classes, decoder_channels, attention, nested=True, deep_supervision=deep_supervision,
+                aux_weight=aux_weight)
 
 
 @register_model
@@ -494,13 +684,35 @@ def unet(encoder, num_classes, in_channels=3, pretrained=False, weights=None, de
 
 
 @register_model
-def deeplabv3p(encoder, num_classes, in_channels=3, pretrained=False, weights=None, output_stride=16,
+def deeplabv3p(encoder, num_classes, in_channels=3, pretrained=False, weights=None, output_stride=None,
                decoder_channels=256, atrous_rates=None, aspp_separable=True, aspp_dropout=0.5, encoder_kwargs=None):
-    """DeepLabV3+. output_stride 8 or 16; atrous_rates default (6, 12, 18) * 16 / output_stride."""
-    if output_stride not in (8, 16):
+    """DeepLabV3+. output_stride 8 or 16; the default None is 16, or 32 for encoders that cannot
+    dilate (Swin). atrous_rates default (6, 12, 18) * 16 / output_stride."""
+    if output_stride not in (None, 8, 16):
         raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-    enc = Encoder(encoder, in_channels, output_stride, pretrained, weights, **(encoder_kwargs or {}))
+    try:
+        enc = Encoder(encoder, in_channels, output_stride or 16, pretrained, weights, **(encoder_kwargs or {}))
+    except EncoderCannotDilate:
+        if output_stride is not None:
+            raise
+        enc = Encoder(encoder, in_channels, 32, pretrained, weights, **(encoder_kwargs or {}))
     return DeepLabV3Plus(enc, num_classes, decoder_channels, atrous_rates, aspp_separable, aspp_dropout)
+
+
+@register_model
+def upernet(encoder, num_classes, in_channels=3, pretrained=False, weights=None, decoder_channels=512,
+            pool_scales=(1, 2, 3, 6), aux_weight=0.4, aux_channels=256, dropout=0.1, encoder_kwargs=None):
+    """UperNet. aux_weight: loss weight of the auxiliary FCN head on the stride-16 stage (0: no head)."""
+    enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
+    return UperNet(enc, num_classes, decoder_channels, pool_scales, aux_weight, aux_channels, dropout)
+
+
+@register_model
+def segformer(encoder, num_classes, in_channels=3, pretrained=False, weights=None, decoder_channels=256, dropout=0.1,
+              encoder_kwargs=None):
+    """SegFormer's all-MLP head on any hierarchical encoder (the paper's MiT, Swin, ConvNeXt, CNNs)."""
+    enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
+    return SegFormer(enc, num_classes, decoder_channels, dropout)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ import utils
 MANIFEST = "manifest.json"
 MASK_DIR = "masks"
 MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
+MIN_KEPT_SHARE = 0.3  # below this share of pixels kept, retraining learns from too little
+CONFIDENCE_BINS = 1000  # histogram of top-class probabilities, to suggest a threshold
 
 
 def get_args_parser():
@@ -41,6 +43,8 @@ def get_args_parser():
     p.add_argument("--threshold", type=float, default=0.9,
                    help="keep a pixel when its top class probability is at least this; others become 255")
     p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
+    p.add_argument("--allow-low-keep", action="store_true",
+                   help=f"write the manifest even when less than {MIN_KEPT_SHARE:.0%} of the pixels are kept")
     return p
 
 
@@ -59,7 +63,32 @@ def pseudo_mask(probs, threshold):
 
 def check_threshold(threshold):
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], not {threshold}")
+        raise utils.UserError(f"--threshold must be in [0, 1], not {threshold}")
+
+
+def confidence_histogram(probs):
+    """Pixels per bin of the top-class probability ([0, 1] in CONFIDENCE_BINS equal bins)."""
+    top = torch.as_tensor(probs).max(0).values.float()
+    return torch.histc(top, bins=CONFIDENCE_BINS, min=0.0, max=1.0).cpu().numpy().astype(np.int64)
+
+
+def threshold_keeping(histogram, share):
+    """The highest bin edge t such that pixels with top probability >= t make at least `share` of all."""
+    kept_from = np.cumsum(histogram[::-1])[::-1]  # pixels in bin i and above
+    enough = np.nonzero(kept_from >= share * histogram.sum())[0]
+    return enough[-1] / CONFIDENCE_BINS if len(enough) else 0.0
+
+
+def check_kept_share(kept_share, histogram, threshold, allow):
+    """Stop (or, when allowed, warn) when too few pixels pass the threshold to teach anything."""
+    if kept_share >= MIN_KEPT_SHARE:
+        return
+    message = (f"only {kept_share:.1%} of the pixels reach --threshold {threshold} (floor {MIN_KEPT_SHARE:.0%}); "
+               f"--threshold {threshold_keeping(histogram, 0.5):.3f} would keep half of them")
+    if not allow:
+        raise utils.UserError(message + "; no manifest was written (the masks are there to inspect). Lower "
+                                        "--threshold, train the model longer, or pass --allow-low-keep")
+    print(f"warning: {message}")
 
 
 def read_label_png(path):
@@ -82,11 +111,12 @@ def open_source(args, class_names):
         dataset = data.ImageFolderDataset([args.image_dir], transform, skip_dir=args.out,
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path, {"image_dir": os.path.abspath(args.image_dir)}
+    data.require_json(args.data_root, args.json, "--json")
     dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform,
                                        max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
-    if dataset.class_names != class_names:
-        raise ValueError(f"{args.json} has classes {dataset.class_names}, the checkpoints {class_names}")
+    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
+                            fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     source = {"data_root": os.path.abspath(args.data_root), "json": os.path.abspath(dataset.coco.path),
               "json_hash": dataset.coco.content_hash}
     return dataset, dataset.coco.image_path, source
@@ -96,7 +126,7 @@ def open_source(args, class_names):
 def read_manifest(out_dir):
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
+        raise utils.UserError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
     with open(path) as f:
         manifest = json.load(f)
     missing = [key for key in MANIFEST_KEYS if key not in manifest]
@@ -197,7 +227,7 @@ def main(args):
         data.ensure_demo(args.data_root)
     check_threshold(args.threshold)
     ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, inference.build_tta(args),
-                                                    inference.build_tiling(args))
+                                                    tiling=inference.build_tiling(args))
     dataset, image_path, source = open_source(args, class_names)
     data.check_unique_stems(info["file_name"] for info in dataset.images)
     # a run stopped midway must not leave an older manifest that points at overwritten masks
@@ -208,6 +238,7 @@ def main(args):
                                          collate_fn=data.collate_mixed)
     palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
+    confidences = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
     items = []
     skipped = len(getattr(dataset, "skipped", []))
     for index, prob in inference.predict(ensemble, loader, args.device, args.amp):
@@ -220,18 +251,21 @@ def main(args):
         utils.atomic_write_png(os.path.join(args.out, mask_name(info["file_name"])), mask, palette)
         image_counts = np.bincount(mask.ravel(), minlength=256)
         counts += image_counts
+        confidences += confidence_histogram(prob)
         items.append({"file_name": info["file_name"], "image_id": info["id"],
                       "image": os.path.abspath(image_path(info)), "mask": mask_name(info["file_name"]),
                       "kept": float(1 - image_counts[utils.IGNORE_INDEX] / mask.size)})
+    print_summary(class_names, counts)
+    check_kept_share(1 - counts[utils.IGNORE_INDEX] / max(counts.sum(), 1), confidences, args.threshold,
+                     args.allow_low_keep)
     manifest = {"class_names": list(class_names), "threshold": args.threshold,
                 "checkpoints": [os.path.abspath(p) for p in inference.expand_checkpoints(args.checkpoints)],
                 "source": source, "items": items}
     utils.atomic_write_json(os.path.join(args.out, MANIFEST), manifest)
-    print_summary(class_names, counts)
     print(f"wrote {len(items)} masks and {os.path.join(args.out, MANIFEST)}"
           + (f"; {skipped} unreadable file(s) skipped" if skipped else ""))
     return manifest
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser())

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -27,9 +28,11 @@ import scheduler as schedulers
 import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
+SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
-RESUME_FREE_ARGS = ("resume", "output", "workers", "val_every", "save_every_steps", "cache_dir", "preflight",
-                    "max_image_pixels")
+RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir",
+                    "preflight", "max_image_pixels")
+RUN_FILES = ("last.pt", "best.pt", "metrics.json", "args.json", "tb")  # what a run writes in its folder
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
 
@@ -55,6 +58,8 @@ def get_args_parser():
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
                    help="more labelled jsons for training (e.g. copy_paste.py output); images relative to each json's folder")
+    g.add_argument("--strict", action="store_true",
+                   help="refuse to train when validation images are also training images (default: warn)")
     g.add_argument("--paint-order", choices=data.PAINT_ORDERS, default="area",
                    help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
@@ -72,6 +77,19 @@ def get_args_parser():
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
     g.add_argument("--pseudo-ratio", type=float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
+    g.add_argument("--sampler", choices=SAMPLERS, default="uniform",
+                   help="uniform: each training image once per epoch; repeat-factor: LVIS repeat-factor sampling, "
+                        "images of rare classes repeated (an epoch grows by the mean repeat factor)")
+    g.add_argument("--repeat-thresh", type=float, default=0.5,
+                   help="repeat-factor threshold t: an image holding a class found in a fraction f < t of the "
+                        "training images is drawn max(1, sqrt(t/f)) times per epoch on average")
+    g.add_argument("--crop-rare", action="store_true",
+                   help="random crops (light and strong presets) that no class fills beyond --crop-max-ratio "
+                        "and that keep a rare class when the image has one")
+    g.add_argument("--crop-max-ratio", type=float, default=0.75,
+                   help="most of a crop's labelled pixels one class may cover (MMSegmentation's cat_max_ratio)")
+    g.add_argument("--crop-rare-classes", default=None,
+                   help="comma-separated class names --crop-rare keeps in crops (default: the two rarest by annotation count)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
@@ -79,11 +97,24 @@ def get_args_parser():
                    help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
     g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
+    g.add_argument("--decoder-channels", type=positive_int, nargs="+", default=None,
+                   help="decoder width: one number (deeplabv3p, upernet, segformer) or five (unetpp, unet)")
+    g.add_argument("--aux-weight", type=float, default=None,
+                   help="loss weight of the auxiliary outputs: upernet's FCN head (default 0.4, 0 removes it), "
+                        "unetpp's --deep-supervision heads (default 1)")
+    g.add_argument("--deep-supervision", action="store_true",
+                   help="unetpp: train 1x1 heads on the nested nodes too (the UNet++ paper's deep supervision)")
+    g.add_argument("--attention", choices=("scse",), default=None, help="unetpp/unet: scSE attention in the decoder")
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", default="ce:1,dice:0.5",
                    help=f"weighted loss terms NAME:WEIGHT,... from {', '.join(losses.LOSS_NAMES)}")
     g.add_argument("--class-weights", default=None,
-                   help="'auto' (from training pixel frequencies) or comma-separated weights, one per class")
+                   help="'auto' (1/sqrt of each class's training pixel share, at most 10x the smallest, mean 1) "
+                        "or comma-separated weights, one per class")
+    g.add_argument("--ohem-thresh", type=float, default=0.7,
+                   help="ohem loss: keep pixels whose true-class probability is under this")
+    g.add_argument("--ohem-min-kept", type=int, default=10000,
+                   help="ohem loss: keep at least this many pixels per image (the least confident)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
     g.add_argument("--lr", type=float, default=2e-3,
@@ -110,6 +141,9 @@ def get_args_parser():
     g.add_argument("--output", default=None, help="run folder (default: runs/MODEL-ENCODER[-foldK])")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from a checkpoint (default: the run folder's last.pt)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds a checkpoint: its run files "
+                        f"({', '.join(RUN_FILES)}) are deleted first")
     g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
@@ -142,36 +176,89 @@ def build_datasets(args, mean, std):
     if args.fold is None:
         train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
         val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
+        data.check_same_classes(val.coco.path, val.coco.classes, train.coco.path, train.coco.classes)
     else:
         coco = data.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
         train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.fold_seed)
         train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
-    if args.copy_paste_p > 0:
+    extra = [extra_dataset(path, val, train_tf, common) for path in args.extra_json]
+    for part in extra:
+        data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
+    check_no_val_images([train] + extra, val, args.strict)
+    if args.copy_paste_p > 0 or args.crop_rare:
         # the object bank comes from this run's own training images only
         train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
-            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir))
-    extra = [data.SegmentationDataset(os.path.dirname(os.path.abspath(path)), os.path.abspath(path),
-                                      "train", train.transform, **common) for path in args.extra_json]
-    for part in extra:
-        check_same_classes(part.coco.path, part.class_names, train.class_names)
+            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir),
+            crop_rare=rare_crop_options(args, train))
+        for part in extra:
+            part.transform = train.transform
     for part in [train, val] + extra:
         part.coco.report_notes()
     if args.pseudo and args.pseudo_ratio > 0:
         pseudo = pseudo_label.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
-        check_same_classes(args.pseudo, pseudo.class_names, train.class_names)
+        data.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
         extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
 
 
-def check_same_classes(source, class_names, expected):
-    if list(class_names) != list(expected):
-        raise ValueError(f"{source} has classes {list(class_names)}, the training set {list(expected)}")
+def extra_dataset(path, val, transform, common):
+    """An --extra-json set, less the copy-paste images that show this run's validation images."""
+    path = os.path.abspath(path)
+    keep = copy_paste.images_not_from(path, val)
+    return data.SegmentationDataset(os.path.dirname(path), path, "train", transform, image_ids=keep, **common)
+
+
+def check_jsons(args):
+    """Stop with the flag to fix when a json this run reads is missing."""
+    if args.fold is None:
+        data.require_json(args.data_root, args.train_json, "--train-json")
+        data.require_json(args.data_root, args.val_json, "--val-json")
+    else:
+        data.require_json(args.data_root, args.all_json, "--all-json")
+    for path in args.extra_json:
+        data.require_json(args.data_root, os.path.abspath(path), "--extra-json")
+
+
+def check_no_val_images(train_sets, val_set, strict):
+    """Warn (refuse with --strict) when validation images are also trained on: val scores would flatter the model."""
+    overlap = data.image_overlap(train_sets, val_set)
+    if not any(overlap.values()):
+        return
+    found = (f"validation images of {val_set.coco.path} also in the training data: {overlap['same file']} of "
+             f"{len(val_set)} are the same file or identical bytes ({overlap['resolved path']} by resolved path, "
+             f"{overlap['content']} by content), {overlap['file name']} have a training image's file name")
+    if strict and overlap["same file"]:
+        raise utils.UserError(f"{found}; remove them from one side (--strict refuses this)")
+    print(f"warning: {found}; validation scores will be too high (--strict refuses this)")
+
+
+def rare_crop_options(args, train):
+    """data.RareClassCrop's options for --crop-rare (None when off): the rare labels and the largest class share."""
+    if not args.crop_rare:
+        return None
+    names = copy_paste.parse_classes(args.crop_rare_classes) or copy_paste.rarest_classes(train)
+    unknown = [name for name in names if name not in train.class_names[1:]]
+    if unknown:
+        raise utils.UserError(f"--crop-rare-classes: unknown classes {unknown}; {train.coco.path} has "
+                              f"{train.class_names[1:]}")
+    return dict(rare_labels=[train.class_names.index(name) for name in names], max_ratio=args.crop_max_ratio)
+
+
+def build_train_sampler(args, train_set, rank, world_size):
+    if args.sampler == "uniform":
+        return data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    factors = data.concat_repeat_factors(train_set.datasets, args.repeat_thresh)
+    sampler = data.RepeatFactorSampler(train_set, factors, num_replicas=world_size, rank=rank, seed=args.seed)
+    if rank == 0:
+        print(f"repeat-factor sampling (t={args.repeat_thresh}): {len(train_set)} images, {sampler.epoch_length} "
+              f"draws per epoch; {int((factors > 1).sum())} images repeated, up to {factors.max():.2f} times")
+    return sampler
 
 
 def build_loaders(args, train_set, val_set, rank, world_size):
-    sampler = data.ResumableSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    sampler = build_train_sampler(args, train_set, rank, world_size)
     # the loaders draw their workers' seeds from their own generator: a draw from the global RNG,
     # which checkpoints save and restore, would shift dropout after a mid-epoch resume
     loader_kwargs = dict(num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
@@ -197,7 +284,8 @@ def resolve_class_weights(spec, train_set, num_classes):
         return losses.auto_class_weights(torch.as_tensor(data.pixel_counts(train_set)))
     weights = [float(w) for w in spec.split(",")]
     if len(weights) != num_classes:
-        raise ValueError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes")
+        raise utils.UserError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes "
+                              f"{train_set.class_names}: pass one weight per class, or --class-weights auto")
     return torch.tensor(weights)
 
 
@@ -327,10 +415,22 @@ def unwrap(model):
     return model
 
 
+def model_options(args):
+    """The model options set on the command line, as create_model keywords (the checkpoint's model_kwargs)."""
+    channels = args.decoder_channels
+    options = {
+        "decoder_channels": channels[0] if channels and len(channels) == 1 else channels,
+        "aux_weight": args.aux_weight,
+        "deep_supervision": args.deep_supervision or None,
+        "attention": args.attention,
+    }
+    return {key: value for key, value in options.items() if value is not None}
+
+
 def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
     model = unwrap(state["model"])
     return {
-        "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": {},
+        "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": model_options(args),
         "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
         "mean": list(mean), "std": list(std), "args": vars(args),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
@@ -344,12 +444,15 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
 
 def restore(state, checkpoint, class_names, args, source="checkpoint"):
     """Continue from `checkpoint`; another class list or model is an error naming both."""
-    if checkpoint["class_names"] != list(class_names):
-        raise ValueError(f"{source} has {len(checkpoint['class_names'])} classes {checkpoint['class_names']}, "
-                         f"the dataset has {len(class_names)}: {list(class_names)}")
+    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
+                            fix="resume with the run's own --data-root, or drop --resume and pass another --output")
     if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
-        raise ValueError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, "
-                         f"this run is {args.model}/{models.resolve_encoder(args.encoder)}")
+        raise utils.UserError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, this run is "
+                              f"{args.model}/{models.resolve_encoder(args.encoder)}: resume with the run's own "
+                              f"--model and --encoder")
+    if checkpoint["model_kwargs"] != model_options(args):
+        raise utils.UserError(f"{source} has model options {checkpoint['model_kwargs']}, this run "
+                              f"{model_options(args)}: resume with the run's own model flags")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
         state[key].load_state_dict(checkpoint[key])
@@ -416,7 +519,7 @@ def default_output(args):
 
 def build_model(args, num_classes, local_rank, world_size):
     model = models.create_model(args.model, models.resolve_encoder(args.encoder), num_classes,
-                                pretrained=args.pretrained, weights=args.weights)
+                                pretrained=args.pretrained, weights=args.weights, **model_options(args))
     if args.sync_bn and world_size > 1:
         if not args.device.startswith("cuda"):
             raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
@@ -441,16 +544,56 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
             cycle_steps=round(args.cycle_epochs * steps_per_epoch) if args.cycle_epochs else None,
             cycle_mult=args.cycle_mult, cycle_decay=args.cycle_decay),
         "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
-        "criterion": losses.build_loss(args.loss, num_classes,
-                                       class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
-                                       label_smoothing=args.label_smoothing).to(args.device),
+        "criterion": losses.AuxiliaryLoss(
+            losses.build_loss(args.loss, num_classes,
+                              class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
+                              label_smoothing=args.label_smoothing, ohem_thresh=args.ohem_thresh,
+                              ohem_min_kept=args.ohem_min_kept),
+            unwrap(model).aux_weights).to(args.device),
     }
+
+
+def claim_output(args, rank, world_size):
+    """Stop before anything is built when a new run would replace a run's checkpoints unasked.
+
+    Rank 0 looks at the folder (checkpoints live on its disk) and every rank stops with its verdict.
+    With --overwrite, rank 0 deletes the old run's files so the folder holds the new run alone.
+    """
+    verdict = [output_refusal(args) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise utils.UserError(verdict[0])
+    if args.overwrite and rank == 0:
+        for name in RUN_FILES:
+            path = os.path.join(args.output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
+def output_refusal(args):
+    """Why this run may not start in args.output, or None."""
+    if args.resume and args.overwrite:
+        return "--resume continues the run in --output and --overwrite deletes it: pass one of them"
+    held = [name for name in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.output, name))]
+    if held and not args.resume and not args.overwrite:
+        return (f"the run folder {args.output} already holds a run ({', '.join(held)}), so nothing was started. "
+                f"Continue it with --resume, replace it with --overwrite, or pass another --output")
+    if args.resume == "auto" and "last.pt" not in held:
+        return f"--resume: {args.output} holds no last.pt to continue; drop --resume to start a new run there"
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        return f"--resume {args.resume}: no such checkpoint; pass a last.pt path, or --resume alone for {args.output}"
+    return None
 
 
 def main(args):
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"
+    args.output = args.output or default_output(args)
+    claim_output(args, rank, world_size)
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not args.deterministic
@@ -458,7 +601,7 @@ def main(args):
         data.ensure_demo(args.data_root)
     if world_size > 1:
         dist.barrier()
-    args.output = args.output or default_output(args)
+    check_jsons(args)
     mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
     train_set, train_mix, val_set = build_datasets(args, mean, std)
     class_names = train_set.class_names
@@ -536,4 +679,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_main(main, get_args_parser())

@@ -7,8 +7,11 @@ import json
 import os
 import pickle
 import random
+import re
+import socket
 import sys
 import tempfile
+import time
 
 import cv2
 import numpy as np
@@ -46,6 +49,42 @@ def run_main(main, parser, argv=None):
 
 
 # ---------------------------------------------------------------- atomic files
+# atomic_open's temporary names: .<name>.<host>-<pid>.<mkstemp's 8 characters>.tmp
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMPORARY_SECONDS = 300  # younger leftovers are left alone, whatever their pid says
+_swept_folders = set()
+
+
+def remove_stale_temporaries(folder):
+    """Remove what killed atomic writes left in `folder`: once per process and folder.
+
+    Only our own temporary names are touched, only those written on this host by a
+    process that is no longer alive, and only when untouched for a few minutes.
+    """
+    if folder in _swept_folders:
+        return
+    _swept_folders.add(folder)
+    now = time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMPORARY.match(entry.name)
+            if not match or match["host"] != _HOST or _process_alive(int(match["pid"])):
+                continue
+            with contextlib.suppress(OSError):  # another process may sweep the same file
+                if now - entry.stat(follow_symlinks=False).st_mtime > STALE_TEMPORARY_SECONDS:
+                    os.remove(entry.path)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
 @contextlib.contextmanager
 def atomic_open(path, mode="wb", validate=None):
     """Open a temporary file beside `path`; rename it into place only on success.
@@ -56,7 +95,8 @@ def atomic_open(path, mode="wb", validate=None):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    remove_stale_temporaries(folder)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{_HOST}-{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as f:
             yield f

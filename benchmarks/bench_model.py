@@ -2,6 +2,7 @@
 
     python benchmarks/bench_model.py                      # unetpp and deeplabv3p, EfficientNet-B4, 512x512, batch 2
     python benchmarks/bench_model.py --models unetpp --iters 3
+    python benchmarks/bench_model.py --models upernet segformer --encoder convnext_tiny   # ConvNeXt-T heads
 
 Both sides get the same timm encoder (random init), decoder settings, input, loss and optimizer.
 Timed iterations alternate between the two models (and which one goes first), so load from other
@@ -9,7 +10,9 @@ processes hits both alike. Speeds are from the best (least disturbed) of the tim
 last column is the ratio of the medians. Inference uses torch.inference_mode();
 ours goes through model.prepare_for_inference (conv+BN fusion, channels_last), the reference is
 used as is. Peak memory is the most CPU memory allocated by tensors above the state before the
-step (weights and inputs excluded), from the profiler's memory events.
+step (weights and inputs excluded), from the profiler's memory events. UperNet runs without
+its auxiliary FCN head (aux_weight=0), which smp's UPerNet does not have, and with 512 decoder
+channels on both sides.
 """
 import argparse
 import copy
@@ -37,7 +40,14 @@ def reference_model(name, encoder, num_classes):
         return smp.DeepLabV3Plus(
             f"tu-{encoder}", encoder_weights=None, classes=num_classes, decoder_atrous_rates=(6, 12, 18)
         )
+    if name == "upernet":
+        return smp.UPerNet(f"tu-{encoder}", encoder_weights=None, classes=num_classes, decoder_channels=512)
+    if name == "segformer":
+        return smp.Segformer(f"tu-{encoder}", encoder_weights=None, classes=num_classes)
     raise ValueError(f"no reference for {name!r}")
+
+
+OUR_OPTIONS = {"upernet": {"aux_weight": 0}}  # what the reference model lacks
 
 
 def train_step(model, images, masks):
@@ -114,7 +124,7 @@ def main():
     print(header)
     print("-" * len(header))
     for name in args.models:
-        mine = ours.create_model(name, args.encoder, args.num_classes)
+        mine = ours.create_model(name, args.encoder, args.num_classes, **OUR_OPTIONS.get(name, {}))
         ref = reference_model(name, args.encoder, args.num_classes)
         for mode in ("train", "infer"):
             if mode == "train":

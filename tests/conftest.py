@@ -1,7 +1,109 @@
-"""Make the flat repository's modules importable from the tests."""
-import os
-import sys
+"""Shared fixtures: a tiny demo set, a one-epoch run on it, and the scripts' main() with tiny arguments.
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+The session's demo set is shared by many tests: treat it as read-only (its mask cache aside)
+and ask for `tiny_demo_copy` to change it. Runs and predictions go to each test's own folders.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import dataset
+import demo
+import inference
+import pseudo_label
+import train
+import utils
+
+DEMO_SIZES = dict(size=64, n_train=8, n_val=4, n_test=3)
+# A tiny model on tiny images, one CPU process: a few seconds an epoch.
+TINY_TRAIN = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
+              "--device", "cpu"]
+SCRIPT_FLAGS = ["--workers", "0", "--device", "cpu"]  # inference.py and pseudo_label.py
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """Root (a pathlib.Path) of a demo set of 8 train, 4 val and 3 test images of 64 x 64."""
+    root = tmp_path_factory.mktemp("tiny_demo") / "data"
+    demo.make_demo(str(root), **DEMO_SIZES)
+    return root
+
+
+@pytest.fixture
+def tiny_demo_copy(tiny_demo, tmp_path):
+    """A copy of the tiny demo set (mask cache included) that the test may change."""
+    return shutil.copytree(tiny_demo, tmp_path / "data")
+
+
+@pytest.fixture
+def image_reads(monkeypatch):
+    """The real paths of the images read through dataset.read_image during the test, in order."""
+    paths, real_read = [], dataset.read_image
+
+    def recording(path, *args, **kwargs):
+        paths.append(os.path.realpath(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "read_image", recording)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_train_argv():
+    """tiny_train_argv(root, *argv): train.py's tiny arguments on the demo set at `root` (mask cache inside it)."""
+    def argv(root, *extra):
+        return list(map(str, [*TINY_TRAIN, "--data-root", root, "--cache-dir", root / "cache", *extra]))
+    return argv
+
+
+@pytest.fixture(scope="session")
+def run_train(tiny_train_argv):
+    """run_train(root, *argv): train.py's main() with tiny_train_argv(root, *argv)."""
+    def run(root, *extra):
+        return train.main(train.get_args_parser().parse_args(tiny_train_argv(root, *extra)))
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_inference():
+    """run_inference(*argv): inference.py's main() on the CPU without worker processes."""
+    def run(*argv):
+        return inference.main(inference.get_args_parser().parse_args([*map(str, argv), *SCRIPT_FLAGS]))
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_pseudo_label():
+    """run_pseudo_label(*argv): pseudo_label.py's main() on the CPU without worker processes."""
+    def run(*argv):
+        return pseudo_label.main(pseudo_label.get_args_parser().parse_args([*map(str, argv), *SCRIPT_FLAGS]))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_demo, run_train, tmp_path_factory):
+    """Run folder of one epoch on the tiny demo set (best.pt, last.pt, ...); copy it before changing it."""
+    output = tmp_path_factory.mktemp("tiny_run") / "run"
+    run_train(tiny_demo, "--epochs", 1, "--output", output)
+    return output
+
+
+@pytest.fixture(scope="session")
+def constant_checkpoint(tiny_run):
+    """constant_checkpoint(path, label, **args): tiny_run's best.pt made to predict `label` at every pixel.
+
+    The head's weights are zeroed and its bias is one-hot, so the logits are the same everywhere;
+    `args` replace entries of the checkpoint's saved training arguments (e.g. fold=1).
+    """
+    def write(path, label, **args):
+        checkpoint = utils.load_checkpoint(tiny_run / "best.pt")
+        weights = checkpoint["state_dict"]
+        weights["head.weight"] = torch.zeros_like(weights["head.weight"])
+        num_classes = len(weights["head.bias"])
+        weights["head.bias"] = 10.0 * torch.nn.functional.one_hot(torch.tensor(label), num_classes).float()
+        checkpoint["args"] = {**checkpoint["args"], **args}
+        utils.save_checkpoint(checkpoint, path)
+        return path
+    return write

@@ -156,10 +156,8 @@ def test_switched_off_gives_no_transform(scene, tmp_path):
     assert cp.copy_paste_transforms(scene, ["Clothing"], p=0, cache_dir=tmp_path / "bank") == []
 
 
-def test_offline_json_decodes_to_the_masks_it_was_built_with(tmp_path):
-    demo = pytest.importorskip("demo")
-    root, out = tmp_path / "demo", tmp_path / "out"
-    demo.make_demo(root, size=128, n_train=8, n_val=4, n_test=2)
+def test_offline_json_decodes_to_the_masks_it_was_built_with(tiny_demo, tmp_path):
+    root, out = tiny_demo, tmp_path / "out"
     path = cp.generate(root, "train.json", out, n=6, classes="Battery,Clothing", seed=1, cache_dir=tmp_path / "bank")
     written = data.SegmentationDataset(out, path, mode="val", cache_dir=tmp_path / "masks")
     source = data.SegmentationDataset(root, "train.json", mode="val", cache_dir=tmp_path / "masks")
@@ -168,7 +166,7 @@ def test_offline_json_decodes_to_the_masks_it_was_built_with(tmp_path):
     assert written.coco.categories == source.coco.categories and len(written) == 6
     pasted_classes = set()
     for index, info in enumerate(written.images):
-        image, labels, _, _ = cp.synthesize(source, paster, index, seed=1)
+        image, labels, _, _, _ = cp.synthesize(source, paster, index, seed=1)
         assert np.array_equal(written.label_mask(index), labels)
         assert data.read_image(written.coco.image_path(info)).shape == image.shape
         regions = [data.decode_annotation(ann, *labels.shape) for ann in written.coco.anns_by_image[info["id"]]]

@@ -17,31 +17,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dataset as data
-import demo
 import loss as losses
 import model as models
 import train
 import utils
 
 WORLD_SIZE = 2
-TRAIN_IMAGES, VAL_IMAGES = 8, 4
-BATCH_SIZE = 2
+TRAIN_IMAGES, BATCH_SIZE = 8, 2  # conftest's tiny_demo and tiny_train_argv
 EPOCHS = 3
-TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--workers", "0", "--device", "cpu",
-        "--batch-size", str(BATCH_SIZE)]
 RUN_FILES = {"args.json", "best.pt", "last.pt", "metrics.json", "tb"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(data root, mask cache folder) of a tiny demo set shared by the tests of this file."""
-    folder = tmp_path_factory.mktemp("ddp")
-    root = demo.make_demo(str(folder / "data"), size=64, n_train=TRAIN_IMAGES, n_val=VAL_IMAGES, n_test=2)
-    return root, str(folder / "cache")
-
-
-def tiny_args(root, cache, *extra):
-    return train.get_args_parser().parse_args(TINY + ["--data-root", root, "--cache-dir", cache, *extra])
+def tiny_args(base, *extra):
+    """train.py's arguments: `base` (the test's tiny_train_argv) and `extra`."""
+    return train.get_args_parser().parse_args([*base, *extra])
 
 
 def free_port():
@@ -61,18 +50,18 @@ def val_loader(args, train_mix, val_set, rank, world_size):
 
 
 # ---------------------------------------------------------------- what each rank runs
-def rank_main(rank, root, cache, out, ports):
+def rank_main(rank, base, out, ports):
     """One rank: a few steps checked by the tests below, then train.py's main() twice (a run, then its resume)."""
     torch.set_num_threads(1)  # two processes share the CPU
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(ports[0])
-    train_and_score(tiny_args(root, cache), out)
+    train_and_score(tiny_args(base), out)
     writes = record_writes()
     run = os.path.join(out, "run")
     os.environ["MASTER_PORT"] = str(ports[1])
-    train.main(tiny_args(root, cache, "--epochs", "1", "--output", run))
+    train.main(tiny_args(base, "--epochs", "1", "--output", run))
     os.environ["MASTER_PORT"] = str(ports[2])
-    train.main(tiny_args(root, cache, "--epochs", "2", "--output", run, "--resume"))
+    train.main(tiny_args(base, "--epochs", "2", "--output", run, "--resume"))
     os.environ["MASTER_PORT"] = str(ports[3])
     dist.init_process_group("gloo")
     nan_on_rank_0 = train.finite_everywhere(torch.tensor(float("nan") if rank == 0 else 1.0))
@@ -133,21 +122,21 @@ def record_writes():
 
 # ---------------------------------------------------------------- the tests
 @pytest.fixture(scope="module")
-def ddp_run(tiny, tmp_path_factory):
-    """Run both ranks once; returns (data root, cache, out folder, what the ranks printed)."""
-    root, cache = tiny
+def ddp_run(tiny_demo, tiny_train_argv, tmp_path_factory):
+    """Run both ranks once; returns (train.py's base arguments, out folder, what the ranks printed)."""
+    base = tiny_train_argv(tiny_demo)
     out = str(tmp_path_factory.mktemp("ranks"))
     log = os.path.join(out, "stdout.txt")
     with open(log, "w") as f:  # the children print to the inherited stdout: send it to a file
         saved = os.dup(1)
         os.dup2(f.fileno(), 1)
         try:
-            mp.spawn(rank_main, args=(root, cache, out, [free_port() for _ in range(4)]), nprocs=WORLD_SIZE)
+            mp.spawn(rank_main, args=(base, out, [free_port() for _ in range(4)]), nprocs=WORLD_SIZE)
         finally:
             os.dup2(saved, 1)
             os.close(saved)
     with open(log) as f:
-        return root, cache, out, f.read()
+        return base, out, f.read()
 
 
 def load_rank_json(out, rank):
@@ -159,23 +148,26 @@ def load_ranks(out):
     return [torch.load(os.path.join(out, f"rank{rank}.pt"), weights_only=False) for rank in range(WORLD_SIZE)]
 
 
+@pytest.mark.slow
 def test_parameters_stay_identical_across_ranks(ddp_run):
-    ranks = load_ranks(ddp_run[2])
+    ranks = load_ranks(ddp_run[1])
     assert ranks[0]["steps"] == ranks[1]["steps"] == EPOCHS * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
     assert not torch.equal(ranks[0]["initial"], ranks[0]["final"])  # training did move the weights
     assert torch.equal(ranks[0]["final"], ranks[1]["final"])
 
 
+@pytest.mark.slow
 def test_sampler_deals_disjoint_shares_reshuffled_each_epoch(ddp_run):
-    ranks = load_ranks(ddp_run[2])
+    ranks = load_ranks(ddp_run[1])
     for epoch in range(EPOCHS):
         shares = [set(r["indices"][epoch]) for r in ranks]
         assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(range(TRAIN_IMAGES))
     assert ranks[0]["indices"][0] != ranks[0]["indices"][1]
 
 
+@pytest.mark.slow
 def test_all_reduced_confusion_equals_single_process(ddp_run):
-    ranks = load_ranks(ddp_run[2])
+    ranks = load_ranks(ddp_run[1])
     num_classes = ranks[0]["confusion"].shape[0]
     expected = utils.ConfusionMatrix(num_classes)
     for target, pred in zip(*random_predictions(num_classes)):
@@ -185,10 +177,11 @@ def test_all_reduced_confusion_equals_single_process(ddp_run):
         assert torch.equal(rank["confusion"], expected.mat)
 
 
+@pytest.mark.slow
 def test_distributed_evaluate_equals_single_process(ddp_run):
-    root, cache, out, _ = ddp_run
+    base, out, _ = ddp_run
     ranks = load_ranks(out)
-    args = tiny_args(root, cache)
+    args = tiny_args(base)
     mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
     train_set, train_mix, val_set = train.build_datasets(args, mean, std)
     num_classes = len(train_set.class_names)
@@ -206,8 +199,9 @@ def test_distributed_evaluate_equals_single_process(ddp_run):
         assert rank["scores"]["miou"] == single["miou"]
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes_and_resume_continues(ddp_run):
-    _, _, out, printed = ddp_run
+    _, out, printed = ddp_run
     run = os.path.join(out, "run")
     writes = [load_rank_json(out, rank)["writes"] for rank in range(WORLD_SIZE)]
     assert not [path for path in writes[1] if path.startswith(run + os.sep)]
@@ -220,30 +214,33 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(ddp_run):
-    out = ddp_run[2]
+    out = ddp_run[1]
     # [NaN on rank 0 only, finite everywhere], as each rank saw it
     assert [load_rank_json(out, rank)["finite"] for rank in range(WORLD_SIZE)] == [[False, True]] * WORLD_SIZE
 
 
-def test_plain_python_runs_single_process(tiny, tmp_path):
-    root, cache = tiny
+@pytest.mark.slow
+def test_plain_python_runs_single_process(tiny_demo, tiny_train_argv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"  # as the ranks above: threads fighting over a busy CPU slow the steps severalfold
     run = str(tmp_path / "run")
-    result = subprocess.run([sys.executable, "train.py", *TINY, "--data-root", root, "--cache-dir", cache,
-                             "--epochs", "1", "--output", run], cwd=data.HERE, env=env,
+    result = subprocess.run([sys.executable, "train.py", *tiny_train_argv(tiny_demo, "--epochs", 1, "--output", run)],
+                            cwd=data.HERE, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" in result.stdout
     assert set(os.listdir(run)) == RUN_FILES
 
 
-def test_sync_bn_on_cpu_is_refused_with_a_clear_error(tiny):
+def test_sync_bn_on_cpu_is_refused_with_a_clear_error(tiny_demo, tiny_train_argv):
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
-        train.build_model(tiny_args(*tiny, "--sync-bn"), num_classes=3, local_rank=0, world_size=WORLD_SIZE)
+        train.build_model(tiny_args(tiny_train_argv(tiny_demo), "--sync-bn"), num_classes=3, local_rank=0,
+                          world_size=WORLD_SIZE)
 
 
-def test_fewer_val_images_than_processes_are_refused(tiny):
+def test_fewer_val_images_than_processes_are_refused(tiny_demo, tiny_train_argv):
     with pytest.raises(ValueError, match="cannot be shared"):
-        train.build_loaders(tiny_args(*tiny), list(range(TRAIN_IMAGES)), [0], rank=0, world_size=WORLD_SIZE)
+        train.build_loaders(tiny_args(tiny_train_argv(tiny_demo)), list(range(TRAIN_IMAGES)), [0], rank=0,
+                            world_size=WORLD_SIZE)

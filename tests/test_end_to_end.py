@@ -1,35 +1,30 @@
 """The whole user path on a tiny demo set: train, resume from last.pt, predict with and without TTA, validate the CSV."""
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 
-import demo
+import dataset as data
 import inference
-import train
 import utils
-
-TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
-        "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run of one epoch, then resumed from its last.pt for a second one; returns (data root, run folder)."""
-    root = tmp_path_factory.mktemp("e2e")
-    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=3)
-    output = root / "run"
-    common = [*TINY, "--data-root", str(root), "--cache-dir", str(root / "cache"), "--output", str(output)]
-    train.main(train.get_args_parser().parse_args([*common, "--epochs", "1"]))
-    train.main(train.get_args_parser().parse_args([*common, "--epochs", "2", "--resume"]))
-    return root, output
+def trained(tiny_demo, tiny_run, run_train, tmp_path_factory):
+    """The shared one-epoch run, resumed from its last.pt for a second epoch; returns (data root, run folder)."""
+    output = shutil.copytree(tiny_run, tmp_path_factory.mktemp("e2e") / "run")
+    run_train(tiny_demo, "--epochs", 2, "--resume", "--output", output)
+    return tiny_demo, output
 
 
 def predict_args(root, run, *extra):
     return inference.get_args_parser().parse_args(
-        ["--checkpoints", str(run), "--data-root", str(root), "--workers", "0", "--device", "cpu", *extra])
+        map(str, ["--checkpoints", run, "--data-root", root, "--workers", "0", "--device", "cpu", *extra]))
 
 
+@pytest.mark.slow
 def test_resume_continues_to_the_second_epoch(trained):
     _, run = trained
     checkpoint = utils.load_checkpoint(run / "last.pt")
@@ -39,6 +34,7 @@ def test_resume_continues_to_the_second_epoch(trained):
     assert {"args.json", "best.pt", "last.pt", "metrics.json", "tb"} <= {p.name for p in run.iterdir()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
 def test_submission_with_and_without_tta_is_valid(trained, tmp_path, tta):
     root, run = trained
@@ -50,15 +46,30 @@ def test_submission_with_and_without_tta_is_valid(trained, tmp_path, tta):
     assert all(mask.shape == (utils.SUBMISSION_SIZE, utils.SUBMISSION_SIZE) for mask in rows.values())
 
 
-def test_tta_changes_the_probabilities_and_eval_scores_both(trained, tmp_path):
+@pytest.mark.slow
+def test_tta_changes_the_probabilities(trained):
     root, run = trained
-    probabilities, scores = [], []
+    probabilities = []
     for tta in ([], ["--tta"]):
-        args = predict_args(root, run, "--json", "val.json", "--eval", "--output", str(tmp_path / "val.csv"), *tta)
-        scores.append(inference.main(args))
-        ensemble, _ = inference.load_ensemble(args.checkpoints, "cpu", inference.build_tta(args))
+        ensemble, _ = inference.load_ensemble([str(run)], "cpu", inference.build_tta(predict_args(root, run, *tta)))
         image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             probabilities.append(ensemble(image))
     assert not torch.allclose(*probabilities)  # a random net is not flip-symmetric: TTA really ran
-    assert all(0 <= s["miou"] <= 1 for s in scores)
+
+
+@pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
+def test_eval_of_a_model_that_predicts_background_everywhere(tiny_demo, constant_checkpoint, tmp_path, tta):
+    checkpoint = constant_checkpoint(tmp_path / "background.pt", label=0)
+    scores = inference.main(predict_args(tiny_demo, checkpoint, "--json", "val.json", "--eval",
+                                         "--output", tmp_path / "val.csv", *tta))
+    val = data.SegmentationDataset(str(tiny_demo), "val.json", "val")
+    masks = np.stack([val.label_mask(i) for i in range(len(val))])
+    pixels_per_class = np.bincount(masks.ravel(), minlength=256)[:len(val.class_names)]
+    # every labelled pixel is predicted background: IoU(background) = its share, 0 for classes present, 0/0 absent
+    iou = np.where(pixels_per_class > 0, 0.0, np.nan)
+    iou[0] = pixels_per_class[0] / pixels_per_class.sum()
+    assert pixels_per_class[0] > 0 and np.isnan(iou).sum() < len(iou) - 1  # some present classes score 0
+    np.testing.assert_allclose(scores["iou"], iou)
+    assert scores["miou"] == pytest.approx(np.nanmean(iou))
+    assert scores["acc"] == pytest.approx(iou[0])

@@ -89,9 +89,18 @@ def test_focal_with_gamma_zero_equals_ce(weight):
     assert value(focal, logits, target) == pytest.approx(value(ce, logits, target), rel=1e-6)
 
 
-def test_focal_is_below_ce_for_confident_pixels():
-    logits, target = random_batch()
-    assert value(build_loss("focal", 4), logits, target) < value(build_loss("ce", 4), logits, target)
+@pytest.mark.parametrize("gamma", [0.5, 2.0, 5.0])
+def test_focal_scales_each_pixels_ce_by_one_minus_p_to_the_gamma(gamma):
+    # a confident pixel (p_label = 0.9) and an unconfident one (p_label = 0.2), labelled class 0 of 3
+    ratios = {}
+    for p in (0.9, 0.2):
+        logits, target = logits_from_probs((p, (1 - p) / 2, (1 - p) / 2)), torch.tensor([[[0]]])
+        focal = value(build_loss("focal", 3, focal_gamma=gamma), logits, target)
+        ce = value(build_loss("ce", 3), logits, target)
+        assert ce == pytest.approx(-math.log(p), rel=1e-6)
+        ratios[p] = focal / ce
+        assert ratios[p] == pytest.approx((1 - p) ** gamma, rel=1e-5)
+    assert ratios[0.9] < ratios[0.2]  # the confident pixel is down-weighted more
 
 
 def test_focal_gradient_finite_for_fractional_gamma_on_saturated_pixel():

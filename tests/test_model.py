@@ -1,17 +1,13 @@
 """Tests for model.py on tiny timm encoders (random init, CPU)."""
 import copy
-import os
 import re
-import sys
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import model  # noqa: E402
+import model
 
 ENCODERS = ["test_resnet", "test_efficientnet", "test_convnext"]  # CNN x2, transformer-style (stride 4 first)
 MODELS = ["unetpp", "unet", "deeplabv3p"]

@@ -293,7 +293,7 @@ def test_window_boxes_cover_the_image_with_the_last_window_on_the_border():
 def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(image_size, side):
     member = tiny_member(image_size)
     image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(1))
-    tiling = inference.Tiling(size=side, overlap=1 / 3, batch_size=4)
+    tiling = inference.Tiling(size=side, overlap=1 / 3, batch_size=4, device="cpu")
     with torch.inference_mode():
         assert torch.equal(member.slide(image, tiling), member(image[None])[0])
 
@@ -301,7 +301,7 @@ def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(i
 def test_tiled_probabilities_average_the_overlapping_windows():
     member = tiny_member(32)
     image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(2))
-    tiling = inference.Tiling(size=32, overlap=0.5, batch_size=2)
+    tiling = inference.Tiling(size=32, overlap=0.5, batch_size=2, device="cpu")
     with torch.inference_mode():
         tiled = member.slide(image, tiling)
         total, count = torch.zeros_like(tiled), torch.zeros(40, 56)

@@ -13,41 +13,13 @@ import pytest
 import torch
 
 import dataset
-import demo
-import inference
 import loss as losses
 import model as models
 import train
 import utils
 
-TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "32", "--batch-size", "2", "--workers", "0",
-        "--device", "cpu", "--copy-paste-p", "0"]
 ADVICE = "Try a lower --lr, --clip-grad or --amp off."
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    """8 train and 4 val images of 64x64; test.json lists no images."""
-    root = tmp_path_factory.mktemp("reliability")
-    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=0)
-    return root
-
-
-def train_args(root, output, *extra):
-    return train.get_args_parser().parse_args(
-        [*TINY, "--data-root", str(root), "--cache-dir", str(root / "cache"), "--output", str(output), *extra])
-
-
-def inference_args(*extra):
-    return inference.get_args_parser().parse_args([*extra, "--workers", "0", "--device", "cpu"])
-
-
-@pytest.fixture(scope="module")
-def run_folder(demo_root):
-    """A finished one-epoch run: best.pt and last.pt."""
-    output = demo_root / "run"
-    train.main(train_args(demo_root, output, "--epochs", "1"))
-    return output
+FAST = ["--size", "32", "--copy-paste-p", "0"]  # on top of the tiny arguments
 
 
 # ---------------------------------------------------------------- NaN / inf during training
@@ -81,7 +53,7 @@ class PoisonedLoss(torch.nn.Module):
     ("inf loss", 1, "loss is inf at epoch 0, step 0", None),
     ("nan gradient", 3, "the weights hold NaN/inf at epoch 0, step 3", (0, 2)),
 ])
-def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(demo_root, tmp_path, monkeypatch,
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_demo, run_train, tmp_path, monkeypatch,
                                                                       poison, at, reason, kept_position):
     last_pt = tmp_path / "run" / "last.pt"
     real_build_loss, poisoned = losses.build_loss, []
@@ -93,7 +65,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(demo_root,
     monkeypatch.setattr(losses, "build_loss", build_poisoned_loss)
     with pytest.raises(SystemExit) as stop:
         # no preflight: its validation would count as calls of the poisoned loss
-        train.main(train_args(demo_root, tmp_path / "run", "--save-every-steps", "1", "--no-preflight"))
+        run_train(tiny_demo, *FAST, "--output", tmp_path / "run", "--save-every-steps", 1, "--no-preflight")
     if kept_position is None:
         assert stop.value.code == f"stopped: {reason}; no checkpoint was saved yet. {ADVICE}"
         assert not last_pt.exists()
@@ -137,12 +109,11 @@ class RunsCodeWhenUnpickled:
     ({"model": RunsCodeWhenUnpickled()}, "cannot be loaded safely: Unsupported global"),
     ({"conv.weight": torch.zeros(1)}, "lacks ['model', 'encoder'"),  # a bare state dict
 ])
-def test_inference_refuses_a_strangers_checkpoint(tmp_path, content, message):
+def test_inference_refuses_a_strangers_checkpoint(run_inference, tmp_path, content, message):
     path = tmp_path / "stranger.pt"
     torch.save(content, path)
     with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} {message}")):
-        inference.main(inference_args("--checkpoints", str(path), "--data-root", str(tmp_path),
-                                      "--output", str(tmp_path / "submission.csv")))
+        run_inference("--checkpoints", path, "--data-root", tmp_path, "--output", tmp_path / "submission.csv")
     assert CODE_RAN == []
 
 
@@ -155,11 +126,11 @@ def plain_data(value):
     return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
 
 
-def test_checkpoints_hold_only_plain_data(run_folder):
+def test_checkpoints_hold_only_plain_data(tiny_run):
     for name in ("best.pt", "last.pt"):
-        checkpoint = utils.load_checkpoint(run_folder / name, required_keys=train.RESUME_KEYS)
+        checkpoint = utils.load_checkpoint(tiny_run / name, required_keys=train.RESUME_KEYS)
         assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
-        assert checkpoint["args"]["output"] == str(run_folder)
+        assert checkpoint["args"]["output"] == str(tiny_run)
         assert plain_data(checkpoint)
 
 
@@ -170,33 +141,33 @@ def write_json(path, images=(), annotations=(), categories=({"id": 1, "name": "p
     return path
 
 
-def test_empty_train_set(demo_root, tmp_path):
-    write_json(demo_root / "empty.json")
-    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'empty.json'} lists no images")):
-        train.main(train_args(demo_root, tmp_path / "run", "--train-json", "empty.json"))
+def test_empty_train_set(tiny_demo_copy, run_train, tmp_path):
+    write_json(tiny_demo_copy / "empty.json")
+    with pytest.raises(ValueError, match=re.escape(f"{tiny_demo_copy / 'empty.json'} lists no images")):
+        run_train(tiny_demo_copy, *FAST, "--output", tmp_path / "run", "--train-json", "empty.json")
 
 
-def test_empty_test_set(demo_root, run_folder, tmp_path):
-    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'test.json'} lists no images")):
-        inference.main(inference_args("--checkpoints", str(run_folder), "--data-root", str(demo_root),
-                                      "--output", str(tmp_path / "submission.csv")))
+def test_empty_test_set(tiny_demo_copy, tiny_run, run_inference, tmp_path):
+    write_json(tiny_demo_copy / "test.json")
+    with pytest.raises(ValueError, match=re.escape(f"{tiny_demo_copy / 'test.json'} lists no images")):
+        run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo_copy, "--output", tmp_path / "submission.csv")
     assert not (tmp_path / "submission.csv").exists()
 
 
-def test_an_image_selection_with_no_images(demo_root):
-    with pytest.raises(ValueError, match=re.escape(f"{demo_root / 'val.json'}: no images selected for train")):
-        dataset.SegmentationDataset(str(demo_root), "val.json", "train", image_ids=[])
+def test_an_image_selection_with_no_images(tiny_demo):
+    with pytest.raises(ValueError, match=re.escape(f"{tiny_demo / 'val.json'}: no images selected for train")):
+        dataset.SegmentationDataset(str(tiny_demo), "val.json", "train", image_ids=[])
 
 
 # ---------------------------------------------------------------- inference on a labelled json
-def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(demo_root, run_folder, tmp_path, capsys):
-    n_annotations = len(json.loads((demo_root / "val.json").read_text())["annotations"])
+def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(tiny_demo, tiny_run, run_inference, tmp_path,
+                                                                      capsys):
+    n_annotations = len(json.loads((tiny_demo / "val.json").read_text())["annotations"])
     csv = tmp_path / "submission.csv"
-    inference.main(inference_args("--checkpoints", str(run_folder), "--data-root", str(demo_root),
-                                  "--json", "val.json", "--output", str(csv)))
+    run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo, "--json", "val.json", "--output", csv)
     note = f"annotations ignored ({n_annotations}): this json is read as unlabelled: 1"
-    assert f"{demo_root / 'val.json'}: {note}" in capsys.readouterr().out
-    file_names = [image["file_name"] for image in json.loads((demo_root / "val.json").read_text())["images"]]
+    assert f"{tiny_demo / 'val.json'}: {note}" in capsys.readouterr().out
+    file_names = [image["file_name"] for image in json.loads((tiny_demo / "val.json").read_text())["images"]]
     assert list(utils.read_submission(csv, 11, expected_ids=file_names)) == file_names
 
 

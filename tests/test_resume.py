@@ -20,7 +20,7 @@ import train
 import utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS, BATCHES_PER_EPOCH = 2, 4  # 8 training images in batches of 2
+EPOCHS = 2  # of 8 training images in batches of 2
 KILL_AFTER = (1, 2)  # (epoch, step in epoch) of the last.pt after which the run is killed
 RUN_TIMEOUT_S = 300
 TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
@@ -28,6 +28,8 @@ TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-
 # One thread per run: the runs share the CPU, and every run computes the same way.
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN_NUMBERS = itertools.count()
+# Resume must stay exact with each training-order option: the default sampler and repeat-factor sampling.
+SAMPLER_CASES = {"uniform": [], "repeat-factor": ["--sampler", "repeat-factor", "--repeat-thresh", "0.5"]}
 
 KILLED_SAVE = 3  # the saves are last.pt after steps 1, 2 and 3 of epoch 0: the third is cut in half
 # train.py, except that its KILLED_SAVE-th torch.save writes half the checkpoint and the process SIGKILLs itself.
@@ -150,6 +152,10 @@ def early_runs(demo_root):
     mid_write = demo_root / "killed-mid-write"
     runs = {"reference": Run(demo_root / "uninterrupted", exact_args(demo_root, demo_root / "uninterrupted")),
             "mid_write": Run(mid_write, exact_args(demo_root, mid_write), program=("-c", DIE_MID_WRITE))}
+    for name, extra in SAMPLER_CASES.items():
+        if extra:
+            output = demo_root / f"uninterrupted-{name}"
+            runs[f"reference-{name}"] = Run(output, exact_args(demo_root, output, *extra))
     yield runs
     for run in runs.values():
         run.stop()
@@ -160,11 +166,14 @@ def reference(early_runs):
     return early_runs["reference"]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, reference):
-    output = demo_root / "killed"
-    args = exact_args(demo_root, output)
+@pytest.mark.parametrize("sampler", SAMPLER_CASES)
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, early_runs, sampler):
+    reference = early_runs["reference" if not SAMPLER_CASES[sampler] else f"reference-{sampler}"]
+    output = demo_root / f"killed-{sampler}"
+    args = exact_args(demo_root, output, *SAMPLER_CASES[sampler])
     killed_at = kill_once_saved(Run(output, args), KILL_AFTER)
-    assert KILL_AFTER <= killed_at < (KILL_AFTER[0], BATCHES_PER_EPOCH), f"killed at {killed_at}, not mid-epoch"
+    # last.pt within an epoch says (epoch, step > 0); at its end (epoch + 1, 0)
+    assert killed_at[0] == KILL_AFTER[0] and killed_at[1] >= KILL_AFTER[1], f"killed at {killed_at}, not mid-epoch"
     log = Run(output, args + ["--resume"]).wait()
     assert f"resumed from {output / 'last.pt'} at epoch {killed_at[0]}, step {killed_at[1]}" in log
     reference_log = reference.wait()
@@ -239,7 +248,7 @@ def test_resume_with_another_class_count_names_both(demo_root, reference):
         resume_in_process(demo_root, output, last_pt, "--train-json", train_json, "--val-json", val_json)
     theirs = ["Background"] + demo.CATEGORY_NAMES
     ours = theirs[:5]
-    assert str(err.value) == f"{last_pt} has 11 classes {theirs}, the dataset has 5: {ours}"
+    assert str(err.value).startswith(f"the classes of {last_pt}, {theirs}, differ from those of the dataset, {ours} ")
     assert not output.exists()
 
 
