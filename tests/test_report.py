@@ -204,12 +204,11 @@ def write_hand_made_set(root):
     }
 
 
-def test_dataset_report_counts_equal_the_hand_counts(tmp_path, monkeypatch, capsys):
+def test_dataset_report_counts_equal_the_hand_counts(tmp_path, capsys):
     expected = write_hand_made_set(tmp_path)
     out = tmp_path / "report"
-    monkeypatch.setattr(sys, "argv", ["dataset.py", "summary", "--root", str(tmp_path), "--json", "all.json",
-                                      "--report", str(out), "--fold", "0", "--n-folds", "2"])
-    data.main()
+    data.main(data.get_args_parser().parse_args(["summary", "--root", str(tmp_path), "--json", "all.json",
+                                                 "--report", str(out), "--fold", "0", "--n-folds", "2"]))
     assert "wrote" in capsys.readouterr().out  # the text summary is still printed first
     numbers = check_report_folder(out)
     assert {key: numbers[key] for key in expected} == expected
