@@ -172,7 +172,8 @@ class ResidentPeak:
 def memory_case(args):
     """Child process: predict one photo with --tile; print peak memory and seconds as JSON."""
     ensemble = inference.Ensemble([inference.Member(random_checkpoint(args))],
-                                  inference.Tiling(args.tile, 1 / 3, args.batch_size, args.device)).to(args.device).eval()
+                                  tiling=inference.Tiling(args.tile, 1 / 3, args.batch_size, args.device))
+    ensemble = ensemble.to(args.device).eval()
     dataset = data.ImageFolderDataset([args.memory_case], inference.unit_range_transform())
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=data.collate_mixed)
     cuda = args.device.startswith("cuda")
