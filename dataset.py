@@ -822,9 +822,124 @@ def image_overlap(train_sets, val_set):
     return {key: counts[key] for key in ("file name", "resolved path", "content", "same file")}
 
 
+# ---------------------------------------------------------------- pseudo-label folders
+# pseudo_label.py writes OUT/masks/<file stem>.png and OUT/manifest.json; training reads them here.
+PSEUDO_MANIFEST = "manifest.json"
+PSEUDO_MASK_DIR = "masks"
+PSEUDO_MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
+
+
+def read_label_png(path):
+    """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale)")
+        return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+
+
+def pseudo_mask_name(file_name):
+    """A pseudo-label mask's path inside its folder."""
+    return os.path.join(PSEUDO_MASK_DIR, output_name(file_name))
+
+
+def read_manifest(out_dir):
+    path = os.path.join(out_dir, PSEUDO_MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
+    with open(path) as f:
+        manifest = json.load(f)
+    missing = [key for key in PSEUDO_MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a pseudo-label manifest")
+    return manifest
+
+
+def drop_val_images(items, source, val_dataset):
+    """Items that are not validation images of `val_dataset`.
+
+    An item is a val image when its file resolves to a val image's file, or --
+    only when it came from the very json the val set reads (same content hash),
+    since ids of different jsons are unrelated -- when its image id is a val id.
+    """
+    val_paths = {os.path.realpath(val_dataset.coco.image_path(image)) for image in val_dataset.images}
+    same_json = source.get("json_hash") == val_dataset.coco.content_hash
+    val_ids = {image["id"] for image in val_dataset.images} if same_json else set()
+    return [item for item in items
+            if os.path.realpath(item["image"]) not in val_paths and item["image_id"] not in val_ids]
+
+
+class PseudoLabelDataset(torch.utils.data.Dataset):
+    """The images and masks of a pseudo_label.py output folder, for training.
+
+    Indexed like the training datasets: `(index, augmentation seed)`, or a
+    plain index. Returns (image tensor, long mask) with 255 kept as ignore.
+    `exclude`: the val SegmentationDataset of this run (or fold); its images
+    are dropped. Checking `class_names` against the training set is the caller's.
+    """
+
+    def __init__(self, out_dir, transform, exclude=None):
+        manifest = read_manifest(out_dir)
+        self.out_dir, self.transform = out_dir, transform
+        self.class_names = manifest["class_names"]
+        self.items = manifest["items"]
+        if exclude is not None:
+            self.items = drop_val_images(self.items, manifest["source"], exclude)
+            print(f"{out_dir}: dropped {len(manifest['items']) - len(self.items)} pseudo-labelled image(s) "
+                  f"that are validation images of this run; {len(self.items)} left")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        item = self.items[seeded_index(key, self.transform)]
+        mask_path = os.path.join(self.out_dir, item["mask"])
+        mask = read_label_png(mask_path)
+        image = read_image(item["image"], mask.shape)
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"]).long()
+
+
+class RatioMix(torch.utils.data.Dataset):
+    """`length` draws per epoch from `pseudo`, with replacement, fixed by the sampler's seeds.
+
+    Index i with augmentation seed s -> pseudo item s % len(pseudo), augmented
+    with seed s. The seed depends on (run seed, epoch, index) only, so each
+    epoch draws a different subset, identical on resume and for any number
+    of workers. A plain index i (no seed) -> item i % len(pseudo).
+    """
+
+    def __init__(self, pseudo, length):
+        if len(pseudo) == 0:
+            raise ValueError("no pseudo-labelled images to mix in (all were validation images?)")
+        self.pseudo, self.length = pseudo, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        index, seed = item_key(key)
+        if seed is None:
+            return self.pseudo[index % len(self.pseudo)]
+        return self.pseudo[(seed % len(self.pseudo), seed)]
+
+
+def mix_ratio_dataset(pseudo, n_labelled, ratio):
+    """round(ratio * n_labelled) pseudo draws per epoch (see RatioMix); None when that is 0 or ratio <= 0."""
+    length = round(ratio * n_labelled) if ratio > 0 else 0
+    return RatioMix(pseudo, length) if length > 0 else None
+
+
+# ---------------------------------------------------------------- item keys
+# Training datasets are read with `(index, augmentation seed)` keys (ResumableSampler makes them), so the
+# augmented stream depends on (run seed, epoch, index) alone; evaluation reads plain indices.
+def item_key(key):
+    """(index, augmentation seed or None) of a dataset key."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
 def seeded_index(key, transform):
-    """Training datasets are read with `(index, augmentation seed)` keys: seed the transform, return the index."""
-    index, seed = key if isinstance(key, tuple) else (key, None)
+    """Seed the transform with the key's augmentation seed (if any); return the index."""
+    index, seed = item_key(key)
     if seed is not None:
         transform.set_random_seed(seed)
     return index
@@ -842,7 +957,7 @@ class SeededConcatDataset(torch.utils.data.ConcatDataset):
     """Training datasets in a row, indexed by `(index, augmentation seed)` pairs."""
 
     def __getitem__(self, key):
-        index, seed = key
+        index, seed = item_key(key)
         part = bisect.bisect_right(self.cumulative_sizes, index)
         offset = self.cumulative_sizes[part - 1] if part else 0
         return self.datasets[part][(index - offset, seed)]

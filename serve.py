@@ -24,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-import inference
+import ensemble as ensembles
 import utils
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -69,7 +69,7 @@ class Segmenter:
 
     def __init__(self, checkpoints, device="cpu"):
         self.device = device
-        self.ensemble, self.class_names = inference.load_ensemble(checkpoints, device)
+        self.ensemble, self.class_names = ensembles.load_ensemble(checkpoints, device)
         self.palette = utils.class_palette(len(self.class_names))
 
     @torch.inference_mode()

@@ -23,7 +23,6 @@ import copy_paste
 import dataset as data
 import loss as losses
 import model as models
-import pseudo_label
 import scheduler as schedulers
 import utils
 
@@ -196,9 +195,9 @@ def build_datasets(args, mean, std):
     for part in [train, val] + extra:
         part.coco.report_notes()
     if args.pseudo and args.pseudo_ratio > 0:
-        pseudo = pseudo_label.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
+        pseudo = data.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
         data.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
-        extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
+        extra.append(data.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
 

@@ -125,7 +125,7 @@ def test_pseudo_labels_and_out_of_fold_on_mixed_sizes(mixed, capsys):
          "--allow-low-keep"]))  # an untrained model is confident nowhere
     assert len(manifest["items"]) == 6 and "3 unreadable file(s) skipped" in capsys.readouterr().out
     rotated = next(item for item in manifest["items"] if item["file_name"] == "rotated.jpg")
-    assert pseudo_label.read_label_png(str(tmp / "pseudo" / rotated["mask"])).shape == (56, 40)
+    assert data.read_label_png(str(tmp / "pseudo" / rotated["mask"])).shape == (56, 40)
 
     for fold in (0, 1):
         train.main(train.get_args_parser().parse_args(

@@ -7,6 +7,7 @@ import timm
 import torch
 import torch.nn as nn
 
+import ensemble as ensembles
 import model
 
 ENCODERS = ["test_resnet", "test_efficientnet", "test_convnext"]  # CNN x2, transformer-style (stride 4 first)
@@ -246,7 +247,7 @@ def test_prepare_for_inference_matches_and_fuses(name):
     x = images(h=67, w=71)
     with torch.no_grad():
         expected = net(x)
-        fast = model.prepare_for_inference(copy.deepcopy(net))
+        fast = ensembles.prepare_for_inference(copy.deepcopy(net))
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert (fast.num_classes, fast.in_channels) == (net.num_classes, net.in_channels)

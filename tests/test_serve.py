@@ -17,7 +17,7 @@ from PIL import Image
 
 import dataset as data
 import demo
-import inference
+import ensemble as ensembles
 import serve
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
 from test_export import write_checkpoint
@@ -51,8 +51,8 @@ def photo(demo_root):
 
 def expected_mask(checkpoint, rgb):
     """The label map inference.py's code predicts for an image: its ensemble on its [0, 1] tensor."""
-    ensemble, _ = inference.load_ensemble([str(checkpoint)], "cpu")
-    image = inference.unit_range_transform()(image=rgb)["image"]
+    ensemble, _ = ensembles.load_ensemble([str(checkpoint)], "cpu")
+    image = ensembles.unit_range_transform()(image=rgb)["image"]
     with torch.inference_mode():
         return ensemble(image[None])[0].argmax(0).byte().numpy()
 
