@@ -28,13 +28,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import default_collate
 
-from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png, run_main
+from utils import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_write_json, atomic_write_npy,
+                   atomic_write_png, format_class_table, run_main)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "recycleseg", "masks")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAINT_ORDERS = ("area", "vertices")
 AUGMENTATIONS = ("none", "light", "strong")
 CACHE_VERSION = 1  # bump when the way masks are painted changes
@@ -449,16 +448,22 @@ def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
     with open(path, "rb") as f:
-        contents = f.read()
-    layout = jpeg_layout(contents)
-    if layout is not None and layout.components in (1, 3):
-        check_pixel_limit(path, layout.width, layout.height, max_pixels)
-        rgb = decode_jpeg(contents, path, layout.complete)
-    else:
-        rgb = decode_with_pillow(contents, path, max_pixels)
+        rgb = decode_image(f.read(), path, max_pixels)
     if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
         raise UserError(size_mismatch_message(path, rgb.shape[:2], expected_hw))
     return rgb
+
+
+def decode_image(contents, path, max_pixels=MAX_IMAGE_PIXELS):
+    """An image file's bytes -> RGB pixels, as read_image reads the file (`path` names it in messages).
+
+    Colour and greyscale JPEGs take OpenCV's fast path; everything else goes through Pillow.
+    """
+    layout = jpeg_layout(contents)
+    if layout is not None and layout.components in (1, 3):
+        check_pixel_limit(path, layout.width, layout.height, max_pixels)
+        return decode_jpeg(contents, path, layout.complete)
+    return decode_with_pillow(contents, path, max_pixels)
 
 
 def decode_jpeg(contents, path, complete):
@@ -534,7 +539,7 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
     try:
         image = Image.open(io.BytesIO(contents) if contents is not None else path)
     except UnidentifiedImageError:
-        raise UserError(f"image file {path} {_unreadable_reason(path)}") from None
+        raise UserError(f"image file {path} {_unreadable_reason(path, contents)}") from None
     except (OSError, SyntaxError, ValueError) as err:  # recognised, but its header is cut or damaged
         raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
     try:
@@ -545,16 +550,26 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
     return image
 
 
+class ImageTooLarge(UserError):
+    """An image over the pixel limit; `width` and `height` say its size."""
+
+    def __init__(self, message, width, height):
+        super().__init__(message)
+        self.width, self.height = width, height
+
+
 def check_pixel_limit(path, width, height, max_pixels):
     if max_pixels is not None and width * height > max_pixels:
-        raise UserError(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+        raise ImageTooLarge(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
                         f"limit of {max_pixels / 1e6:g} (a guard against decompression bombs); if the photo is "
-                        f"genuine, raise the limit with --max-image-pixels")
+                        f"genuine, raise the limit with --max-image-pixels", width, height)
 
 
-def _unreadable_reason(path):
-    with open(path, "rb") as f:
-        head = f.read(16)
+def _unreadable_reason(path, contents=None):
+    if contents is None:
+        with open(path, "rb") as f:
+            contents = f.read(16)
+    head = contents[:16]
     for offset, magic, name in UNREADABLE_FORMATS:
         if head[offset:offset + len(magic)] == magic:
             return f"is a {name} file, which this toolkit does not read: convert it to JPEG or PNG"
@@ -992,6 +1007,34 @@ def augmentation_seed(seed, epoch, index, *more):
 
 
 # ---------------------------------------------------------------- rare classes
+RARE_CLASS_COUNT = 2  # classes copy-paste and rare-class crops favour when none are named: the rarest ones
+
+
+def annotation_counts(coco, images=None):
+    """Annotations per category id in `images` (default: all of the json's)."""
+    image_ids = coco.anns_by_image if images is None else [image["id"] for image in images]
+    return collections.Counter(ann["category_id"] for image_id in image_ids for ann in coco.anns_by_image[image_id])
+
+
+def by_rarity(counts):
+    """Sort key over the keys of `counts` (category ids or labels): fewest annotations first, then the lower key."""
+    return lambda key: (counts[key], key)
+
+
+def rarest_classes(dataset, count=RARE_CLASS_COUNT):
+    """Names of the `count` categories with the fewest annotations in the dataset's images (at least one)."""
+    counts = annotation_counts(dataset.coco, dataset.images)
+    rarest = sorted(counts, key=by_rarity(counts))[:count]
+    return [dataset.class_names[dataset.coco.cat_to_label[cat_id]] for cat_id in rarest]
+
+
+def parse_classes(classes):
+    """None, a comma-separated string or a list of class names -> list of names (None stays None)."""
+    if classes is None or isinstance(classes, (list, tuple)):
+        return classes
+    return [name.strip() for name in classes.split(",") if name.strip()] or None
+
+
 def image_labels(dataset):
     """Per image of a SegmentationDataset: the set of labels its annotations hold (background not counted)."""
     to_label = dataset.coco.cat_to_label
@@ -1160,8 +1203,8 @@ class LutNormalize(A.Normalize):
 # ---------------------------------------------------------------- k-fold
 def rarest_class_per_image(coco):
     """For each image: its rarest category id by the json's annotation counts (0 when none)."""
-    counts = collections.Counter(a["category_id"] for anns in coco.anns_by_image.values() for a in anns)
-    return {image_id: min((a["category_id"] for a in anns), key=lambda c: (counts[c], c), default=0)
+    counts = annotation_counts(coco)
+    return {image_id: min((a["category_id"] for a in anns), key=by_rarity(counts), default=0)
             for image_id, anns in coco.anns_by_image.items()}
 
 
@@ -1221,6 +1264,13 @@ def write_subset(root, json_name, n, seed=0):
 
 
 # ---------------------------------------------------------------- demo data
+def prepare_data_root(root):
+    """A script's --data-root, ready to read: the default one is the demo set, built on first use."""
+    if root == DEFAULT_DATA_ROOT:
+        ensure_demo(root)
+    return root
+
+
 def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
     """Build the synthetic demo dataset when `root` holds none yet."""
     if not os.path.isfile(os.path.join(root, "train_all.json")):
@@ -1237,10 +1287,9 @@ def summarise(root, json_name, paint_order="area"):
     anns = collections.Counter(a["category_id"] for a in sum(dataset.coco.anns_by_image.values(), []))
     pixels = pixel_counts(dataset)
     print(f"{json_name}: {len(dataset)} images")
-    print(f"{'class':<16}{'annotations':>12}{'pixel share':>13}")
-    for label, name in enumerate(dataset.class_names):
-        cat_id = dataset.coco.categories[label - 1]["id"] if label else None
-        print(f"{name:<16}{anns.get(cat_id, 0) if label else '-':>12}{pixels[label] / pixels.sum():>13.4f}")
+    annotations = ["-"] + [anns.get(category["id"], 0) for category in dataset.coco.categories]
+    shares = pixels / pixels.sum()
+    print(format_class_table(dataset.class_names, [("annotations", annotations), ("pixel share", shares)]))
 
 
 def parse_sizes(text):
@@ -1292,8 +1341,7 @@ def main(args):
                   n_val=args.n_val, n_test=args.n_test, sizes=args.sizes)
         print(f"demo dataset written to {args.root}")
         return
-    if args.root == DEFAULT_DATA_ROOT:
-        ensure_demo(args.root)
+    prepare_data_root(args.root)
     require_json(args.root, args.json, "--json")
     if args.command == "subset":
         print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))

@@ -30,10 +30,13 @@ import utils
 
 
 # ---------------------------------------------------------------- command-line flags
+DEFAULT_CHECKPOINTS = f"runs/*/{utils.BEST_CHECKPOINT}"  # every run's best checkpoint
+
+
 def add_ensemble_args(p):
     """Flags shared by the scripts that predict with an ensemble (inference.py and pseudo_label.py)."""
-    p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
-                   help="checkpoint files, run folders (their best.pt), ONNX files from export.py or globs; "
+    p.add_argument("--checkpoints", nargs="+", default=[DEFAULT_CHECKPOINTS],
+                   help=f"checkpoint files, run folders (their {utils.BEST_CHECKPOINT}), ONNX files from export.py or globs; "
                         "probabilities are averaged")
     p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
@@ -49,8 +52,7 @@ def add_ensemble_args(p):
     p.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off", help="mixed precision")
+    utils.add_device_args(p)
 
 
 def positive_int(text):
@@ -232,11 +234,11 @@ def load_model_file(path, device="cpu"):
 
 
 def expand_checkpoints(patterns):
-    """Files, run folders (-> best.pt) and globs -> sorted checkpoint paths."""
+    """Files, run folders (-> their best.pt) and globs -> sorted checkpoint paths."""
     paths = []
     for pattern in patterns:
         for match in sorted(glob.glob(pattern)) or [pattern]:
-            paths.append(os.path.join(match, "best.pt") if os.path.isdir(match) else match)
+            paths.append(os.path.join(match, utils.BEST_CHECKPOINT) if os.path.isdir(match) else match)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise utils.UserError(f"no checkpoint at {', '.join(missing)}: train first (python train.py --output "
@@ -331,7 +333,6 @@ def predict(ensemble, loader, device, amp="off"):
     sizes. Probabilities are on the device (on the CPU with tiling). An image a dataset could not
     read (ImageFolderDataset gives its UserError instead) is yielded as that UserError.
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     index = 0
     for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
         errors = {}
@@ -341,7 +342,7 @@ def predict(ensemble, loader, device, amp="off"):
         batch_size = len(images) + len(errors)
         if ensemble.tiling is None:  # with tiling, windows go to the device a few at a time
             images = to_device(images, device)
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+        with utils.autocast(device, amp):
             probs = iter(ensemble(images) if len(images) else [])
         for position in range(batch_size):
             yield index, errors[position] if position in errors else next(probs).float()

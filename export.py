@@ -131,8 +131,7 @@ def main(args):
     path = ensembles.expand_checkpoints([args.checkpoint])[0]
     checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
     size = args.size or checkpoint["image_size"]
-    if args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    data.prepare_data_root(args.data_root)
     images = check_images(args.data_root, args.json, args.check_images, size)
     with torch.inference_mode():  # the reference: the checkpoint's own model, BatchNorm not folded
         reference = ensembles.NormalisedSoftmax(load_net(checkpoint), checkpoint["mean"], checkpoint["std"])

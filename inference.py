@@ -17,7 +17,6 @@ import argparse
 import os
 
 import cv2
-import numpy as np
 import torch
 
 import dataset as data
@@ -73,7 +72,7 @@ def save_outputs(args, info, image_path, mask, num_classes):
         utils.atomic_write_png(os.path.join(args.save_masks, stem), mask, palette=utils.label_palette(num_classes))
     if args.save_vis:
         rgb = data.read_image(image_path, max_pixels=args.max_image_pixels)
-        panel = np.concatenate([rgb, utils.overlay(rgb, mask, num_classes)], axis=1)
+        panel = utils.overlay_panel(rgb, [mask], num_classes)
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
 
@@ -150,8 +149,7 @@ def open_images(args, ensemble, class_names):
         dataset = data.ImageFolderDataset(args.images, ensembles.unit_range_transform(),
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path
-    if args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    data.prepare_data_root(args.data_root)
     data.require_json(args.data_root, args.json, "--json")
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, ensembles.expand_checkpoints(args.checkpoints), args.paint_order) \

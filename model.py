@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from utils import IMAGENET_MEAN, IMAGENET_STD
+
 
 # Short encoder names -> timm names; the tags pick weights that exist on the timm hub.
 # effb6/effb7 only have hub weights as TensorFlow ports ("same" padding, a little slower).

@@ -110,16 +110,14 @@ def print_summary(class_names, counts):
     """Pixels per pseudo-label class and the share of all pixels kept."""
     kept = counts[:len(class_names)].sum()
     total = kept + counts[utils.IGNORE_INDEX]
-    width = max(len(name) for name in class_names)
-    print(f"{'class':<{width}}  {'pixels':>12}  share of kept")
-    for name, count in zip(class_names, counts):
-        print(f"{name:<{width}}  {count:>12}  {count / max(kept, 1):.4f}")
+    pixels = counts[:len(class_names)]
+    print(utils.format_class_table(class_names, [("pixels", pixels), ("share of kept", pixels / max(kept, 1))]))
     print(f"kept {kept} of {total} pixels ({kept / max(total, 1):.1%}); the rest are 255 (ignored)")
 
 
 def main(args):
-    if args.image_dir is None and args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    if args.image_dir is None:
+        data.prepare_data_root(args.data_root)
     check_threshold(args.threshold)
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
                                                     tiling=ensembles.build_tiling(args))

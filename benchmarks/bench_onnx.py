@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ensemble as ensembles  # noqa: E402
 import export  # noqa: E402
 import model as models  # noqa: E402
-from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from utils import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def get_args_parser():

@@ -12,8 +12,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 import dataset
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, Coco, LutNormalize, MaskCache, SegmentationDataset, build_mask,
-                     build_transform, decode_annotation, fold_image_ids, kfold_splits)
+from dataset import (Coco, LutNormalize, MaskCache, SegmentationDataset, build_mask, build_transform,
+                     decode_annotation, fold_image_ids, kfold_splits)
+from utils import IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 32, 32
 CATEGORIES = [{"id": 1, "name": "paper"}, {"id": 2, "name": "plastic"}]

@@ -28,7 +28,7 @@ def predict_args(root, run, *extra):
 @pytest.mark.slow
 def test_resume_continues_to_the_second_epoch(trained):
     _, run = trained
-    checkpoint = utils.load_checkpoint(run / "last.pt")
+    checkpoint = utils.load_checkpoint(run / utils.LAST_CHECKPOINT)
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]) == (2, 0, 8)
     history = json.loads((run / "metrics.json").read_text())
     assert [record["epoch"] for record in history] == [0, 1]

@@ -23,7 +23,7 @@ def write_checkpoint(path, class_names, name="deeplabv3p", encoder=ENCODER, size
     net = models.create_model(name, encoder, len(class_names))
     utils.save_checkpoint({"model": name, "encoder": encoder, "model_kwargs": {}, "num_classes": len(class_names),
                            "class_names": list(class_names), "image_size": size,
-                           "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD),
+                           "mean": list(utils.IMAGENET_MEAN), "std": list(utils.IMAGENET_STD),
                            "args": {"paint_order": "area"}, "state_dict": net.state_dict()}, path)
     return path
 
@@ -45,7 +45,7 @@ def class_names(demo_root):
 def exported(demo_root, class_names, tmp_path_factory):
     """(checkpoint, its ONNX export at the training size)."""
     folder = tmp_path_factory.mktemp("exported")
-    checkpoint = write_checkpoint(folder / "best.pt", class_names)
+    checkpoint = write_checkpoint(folder / utils.BEST_CHECKPOINT, class_names)
     onnx_path = folder / "model.onnx"
     export.main(export_args(checkpoint, onnx_path, demo_root))
     return checkpoint, onnx_path
@@ -59,7 +59,7 @@ def export_args(checkpoint, output, root, *extra):
 @pytest.mark.parametrize("size,output", [(64, "probabilities"), (72, "labels")])
 @pytest.mark.parametrize("name", models.list_models())
 def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, class_names, tmp_path):
-    checkpoint = write_checkpoint(tmp_path / "best.pt", class_names, name)
+    checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names, name)
     labels = output == "labels"
     result = export.main(export_args(checkpoint, tmp_path / "m.onnx", demo_root, "--size", str(size),
                                      *(["--labels"] if labels else [])))
@@ -96,7 +96,7 @@ def test_metadata_describe_the_model(exported, class_names):
 
 
 def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_names, tmp_path, monkeypatch):
-    checkpoint = write_checkpoint(tmp_path / "best.pt", class_names)
+    checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names)
     output = tmp_path / "model.onnx"
     output.write_bytes(b"the previous export")
 

@@ -282,7 +282,7 @@ def test_train_one_epoch_and_restore_the_model_options(demo_root, tmp_path, mode
         *model_args, "--data-root", str(demo_root), "--cache-dir", str(tmp_path / "cache"), "--output", str(output),
         "--size", "64", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--epochs", "1"])
     train.main(args)
-    saved = utils.load_checkpoint(output / "last.pt")
+    saved = utils.load_checkpoint(output / utils.LAST_CHECKPOINT)
     assert saved["model_kwargs"] == model_kwargs
     member = ensembles.Member(saved)  # rebuilt from model_kwargs alone; load_state_dict is strict
     with torch.no_grad():

@@ -60,7 +60,7 @@ def test_preflight_fails_within_seconds_on_a_bad_val_image(mixed, tmp_path):
          "--output", str(tmp_path / "run")])
     with pytest.raises(utils.UserError, match="but the json says"):
         train.main(args)
-    assert not (tmp_path / "run" / "last.pt").exists()  # stopped before the first training step
+    assert not (tmp_path / "run" / utils.LAST_CHECKPOINT).exists()  # stopped before the first training step
 
 
 def test_eval_scores_each_image_at_its_own_size(mixed, tmp_path):

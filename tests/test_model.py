@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import ensemble as ensembles
 import model
+import utils
 
 ENCODERS = ["test_resnet", "test_efficientnet", "test_convnext"]  # CNN x2, transformer-style (stride 4 first)
 MODELS = ["unetpp", "unet", "deeplabv3p"]
@@ -56,9 +57,9 @@ def test_aliases_resolve_to_timm_models_with_hub_weights():
 
 
 def test_encoder_normalization():
-    assert model.encoder_normalization("effb4") == (model.IMAGENET_MEAN, model.IMAGENET_STD)
+    assert model.encoder_normalization("effb4") == (utils.IMAGENET_MEAN, utils.IMAGENET_STD)
     assert model.encoder_normalization("test_resnet") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert model.encoder_normalization("not_a_model") == (model.IMAGENET_MEAN, model.IMAGENET_STD)
+    assert model.encoder_normalization("not_a_model") == (utils.IMAGENET_MEAN, utils.IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------------------------- shapes, gradients

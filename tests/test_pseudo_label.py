@@ -234,7 +234,7 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
     retrained = tmp_path / "retrained"
     run_train(tiny_demo, "--epochs", 1, "--output", retrained, "--pseudo", out, "--pseudo-ratio", 1)
     # ratio 1: 8 pseudo-labelled draws join the 8 labelled images, so the epoch has 8 batches of 2, not 4
-    assert utils.load_checkpoint(tiny_run / "last.pt")["global_step"] == 4
-    assert utils.load_checkpoint(retrained / "last.pt")["global_step"] == 8
+    assert utils.load_checkpoint(tiny_run / utils.LAST_CHECKPOINT)["global_step"] == 4
+    assert utils.load_checkpoint(retrained / utils.LAST_CHECKPOINT)["global_step"] == 8
     test_paths = {os.path.realpath(test_images.image_path(image)) for image in test_images.images}
     assert sum(path in test_paths for path in image_reads) == 8

@@ -19,6 +19,7 @@ import dataset as data
 import demo
 import ensemble as ensembles
 import serve
+import utils
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
 from test_export import write_checkpoint
 
@@ -36,7 +37,7 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(demo_root):
     names = data.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
-    return write_checkpoint(demo_root / "best.pt", names)
+    return write_checkpoint(demo_root / utils.BEST_CHECKPOINT, names)
 
 
 @pytest.fixture(scope="module")
