@@ -349,6 +349,30 @@ def predict(ensemble, loader, device, amp="off"):
             index += 1
 
 
+class DatasetPredictions:
+    """Iterate (index, image info, probabilities) over a dataset's images in order, as `predict` makes them.
+
+    Images that cannot be read are reported and left out; `skipped` counts them, with the files
+    the dataset refused up front (ImageFolderDataset's `skipped`). The flags say the batch size,
+    workers, device and --amp.
+    """
+
+    def __init__(self, ensemble, dataset, args):
+        self.ensemble, self.dataset, self.args = ensemble, dataset, args
+        self.skipped = len(getattr(dataset, "skipped", []))
+
+    def __iter__(self):
+        # sequential order: predict() maps batch positions back to dataset.images
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.args.batch_size,
+                                             num_workers=self.args.workers, collate_fn=data.collate_mixed)
+        for index, prob in predict(self.ensemble, loader, self.args.device, self.args.amp):
+            if isinstance(prob, utils.UserError):
+                print(f"skipped: {prob}")
+                self.skipped += 1
+                continue
+            yield index, self.dataset.images[index], prob
+
+
 def to_device(images, device):
     """A batch tensor or a list of image tensors, moved to the device."""
     if torch.is_tensor(images):

@@ -168,19 +168,11 @@ def main(args):
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
                                                     args.vote, ensembles.build_tiling(args))
     dataset, image_path = open_images(args, ensemble, class_names)
-    skipped = len(getattr(dataset, "skipped", []))
-    # sequential order: predict() maps batch positions back to dataset.images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=data.collate_mixed)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
     accumulator = new_report(args, class_names)
     rows = []
-    for index, prob in ensembles.predict(ensemble, loader, args.device, args.amp):
-        info = dataset.images[index]
-        if isinstance(prob, utils.UserError):
-            print(f"skipped: {prob}")
-            skipped += 1
-            continue
+    predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
+    for index, info, prob in predictions:
         mask = prob.argmax(0).byte()
         if args.eval:
             confusion.update(torch.from_numpy(dataset.label_mask(index)), mask)
@@ -190,6 +182,7 @@ def main(args):
             accumulator.add(info, dataset.label_mask(index), mask, image_path(info))
         save_outputs(args, info, image_path(info), mask, len(class_names))
     utils.write_submission(args.output, rows, len(class_names), expected_ids=[name for name, _ in rows])
+    skipped = predictions.skipped
     print(f"wrote {args.output} ({len(rows)} images" + (f"; {skipped} unreadable file(s) skipped)" if skipped else ")"))
     if args.eval:
         scores = confusion.compute()

@@ -126,20 +126,12 @@ def main(args):
     # a run stopped midway must not leave an older manifest that points at overwritten masks
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(args.out, data.PSEUDO_MANIFEST))
-    # sequential order: predict() maps batch positions back to dataset.images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=data.collate_mixed)
     palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
     confidences = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
     items = []
-    skipped = len(getattr(dataset, "skipped", []))
-    for index, prob in ensembles.predict(ensemble, loader, args.device, args.amp):
-        info = dataset.images[index]
-        if isinstance(prob, utils.UserError):
-            print(f"skipped: {prob}")
-            skipped += 1
-            continue
+    predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
+    for _, info, prob in predictions:
         mask = pseudo_mask(prob, args.threshold)
         utils.atomic_write_png(os.path.join(args.out, data.pseudo_mask_name(info["file_name"])), mask, palette)
         image_counts = np.bincount(mask.ravel(), minlength=256)
@@ -156,7 +148,7 @@ def main(args):
                 "source": source, "items": items}
     utils.atomic_write_json(os.path.join(args.out, data.PSEUDO_MANIFEST), manifest)
     print(f"wrote {len(items)} masks and {os.path.join(args.out, data.PSEUDO_MANIFEST)}"
-          + (f"; {skipped} unreadable file(s) skipped" if skipped else ""))
+          + (f"; {predictions.skipped} unreadable file(s) skipped" if predictions.skipped else ""))
     return manifest
 
 
