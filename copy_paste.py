@@ -83,7 +83,7 @@ class ObjectBank:
         """The bank of `classes` (names; None: the rarest two) over the dataset's own images, cached."""
         names = data.parse_classes(classes) or data.rarest_classes(dataset)
         labels = _labels_of(names, dataset)
-        paint_order = dataset.masks.paint_order
+        paint_order = dataset.paint_order
         image_ids = sorted(image["id"] for image in dataset.images)
         key = json.dumps([BANK_VERSION, MIN_OBJECT_AREA, dataset.coco.content_hash, paint_order, labels, image_ids])
         path = os.path.join(cache_dir, f"bank-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
@@ -316,7 +316,7 @@ def synthesize(dataset, paster, index, seed):
     info = dataset.images[index % len(dataset)]
     rng = np.random.default_rng([seed, index])
     image = data.read_image(coco.image_path(info), (info["height"], info["width"]))
-    instances, anns = instance_map(coco, info, dataset.masks.paint_order)
+    instances, anns = instance_map(coco, info, dataset.paint_order)
     label_cats = [None] + [category["id"] for category in coco.categories]
     categories = [ann["category_id"] for ann in anns]
     labels = np.array([0] + [coco.cat_to_label[c] for c in categories], dtype=np.uint8)[instances]

@@ -1,8 +1,7 @@
 """COCO json -> label masks (cached), the Dataset, augmentation presets and k-fold splits.
 
-Run as a script to build the synthetic demo dataset or to summarise a dataset:
+Run as a script to summarise a dataset or split off a subset (`make-demo` is an alias of demo.py):
 
-    python dataset.py make-demo --root data/demo
     python dataset.py summary --root data/demo --json train_all.json
     python dataset.py summary --root data/demo --json train_all.json --report reports/demo --fold 0   # charts
     python dataset.py subset --root data/demo --json train.json --n 30   # train_30.json + train_30_rest.json
@@ -28,11 +27,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import default_collate
 
+import demo
 from utils import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_write_json, atomic_write_npy,
                    atomic_write_png, format_class_table, run_main)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
+DEFAULT_DATA_ROOT = demo.DEFAULT_ROOT  # the synthetic demo set, built there on first use
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "recycleseg", "masks")
 PAINT_ORDERS = ("area", "vertices")
 AUGMENTATIONS = ("none", "light", "strong")
@@ -684,6 +683,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def class_names(self):
         return self.coco.class_names
 
+    @property
+    def paint_order(self):
+        """The overlap rule the label masks are painted with (None in test mode: no masks)."""
+        return self.masks.paint_order if self.masks is not None else None
+
     def __len__(self):
         return len(self.images)
 
@@ -1274,10 +1278,8 @@ def prepare_data_root(root):
 def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
     """Build the synthetic demo dataset when `root` holds none yet."""
     if not os.path.isfile(os.path.join(root, "train_all.json")):
-        from demo import make_demo
-
         print(f"building the synthetic demo dataset in {root} (first use)")
-        make_demo(root, **kwargs)
+        demo.make_demo(root, **kwargs)
     return root
 
 
@@ -1292,29 +1294,10 @@ def summarise(root, json_name, paint_order="area"):
     print(format_class_table(dataset.class_names, [("annotations", annotations), ("pixel share", shares)]))
 
 
-def parse_sizes(text):
-    """'512x512,640x480' -> [(512, 512), (640, 480)] (width x height)."""
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
-    return sizes
-
-
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-demo", help="build the synthetic demo dataset")
-    make.add_argument("--root", default=DEFAULT_DATA_ROOT, help="output folder")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--size", type=int, default=512, help="image side in pixels")
-    make.add_argument("--sizes", type=parse_sizes, default=None, metavar="WxH,...",
-                      help="photo sizes taken in turn, e.g. 512x512,640x480,480x640 (overrides --size)")
-    make.add_argument("--n-train", type=int, default=120)
-    make.add_argument("--n-val", type=int, default=30)
-    make.add_argument("--n-test", type=int, default=30)
+    demo.add_demo_args(commands.add_parser("make-demo", help="build the synthetic demo dataset (as python demo.py)"))
     summary = commands.add_parser("summary", help="annotation and pixel counts per class")
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
@@ -1335,12 +1318,7 @@ def get_args_parser():
 
 def main(args):
     if args.command == "make-demo":
-        from demo import make_demo
-
-        make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train,
-                  n_val=args.n_val, n_test=args.n_test, sizes=args.sizes)
-        print(f"demo dataset written to {args.root}")
-        return
+        return demo.main(args)
     prepare_data_root(args.root)
     require_json(args.root, args.json, "--json")
     if args.command == "subset":

@@ -202,6 +202,7 @@ def test_each_annotation_decodes_like_pycocotools(tmp_path):
 def test_full_mask_matches_a_pycocotools_painter(tmp_path, paint_order):
     json_path = mixed_coco(tmp_path)
     ds = open_dataset(tmp_path, json_path, paint_order=paint_order)
+    assert ds.paint_order == paint_order  # what copy-paste cuts objects out by
     for index, image in enumerate(ds.images):
         expected = reference_mask(json_path, image["id"], paint_order)
         assert len(np.unique(expected)) == 3  # every image shows both classes and background

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dataset as data
 import loss as losses
 import model as models
 import train
@@ -227,7 +226,7 @@ def test_plain_python_runs_single_process(tiny_demo, tiny_train_argv, tmp_path):
     env["OMP_NUM_THREADS"] = "1"  # as the ranks above: threads fighting over a busy CPU slow the steps severalfold
     run = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "train.py", *tiny_train_argv(tiny_demo, "--epochs", 1, "--output", run)],
-                            cwd=data.HERE, env=env,
+                            cwd=os.path.dirname(os.path.abspath(train.__file__)), env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" in result.stdout
