@@ -19,6 +19,8 @@ import demo
 import train
 import utils
 
+pytestmark = pytest.mark.slow  # subprocess trainings killed and resumed
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2  # of 8 training images in batches of 2
 KILL_AFTER = (1, 2)  # (epoch, step in epoch) of the last.pt after which the run is killed
