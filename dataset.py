@@ -1286,7 +1286,7 @@ def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
 def summarise(root, json_name, paint_order="area"):
     dataset = SegmentationDataset(root, json_name, mode="val", paint_order=paint_order)
     dataset.coco.report_notes()
-    anns = collections.Counter(a["category_id"] for a in sum(dataset.coco.anns_by_image.values(), []))
+    anns = annotation_counts(dataset.coco)
     pixels = pixel_counts(dataset)
     print(f"{json_name}: {len(dataset)} images")
     annotations = ["-"] + [anns.get(category["id"], 0) for category in dataset.coco.categories]
