@@ -36,30 +36,23 @@ DEFAULT_CHECKPOINTS = f"runs/*/{utils.BEST_CHECKPOINT}"  # every run's best chec
 def add_ensemble_args(p):
     """Flags shared by the scripts that predict with an ensemble (inference.py and pseudo_label.py)."""
     p.add_argument("--checkpoints", nargs="+", default=[DEFAULT_CHECKPOINTS],
-                   help=f"checkpoint files, run folders (their {utils.BEST_CHECKPOINT}), ONNX files from export.py or globs; "
-                        "probabilities are averaged")
+                   help=f"checkpoint files, run folders (their {utils.BEST_CHECKPOINT}), ONNX files from export.py "
+                        "or globs; probabilities are averaged")
     p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
     p.add_argument("--batch-size", type=int, default=4,
                    help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
-    p.add_argument("--tile", type=positive_int, default=None, metavar="SIZE",
+    p.add_argument("--tile", type=utils.positive_int, default=None, metavar="SIZE",
                    help="predict each image window by window, SIZE x SIZE photo pixels each (for photos larger than "
                         "the training size; device memory stays bounded by the window)")
     p.add_argument("--tile-overlap", type=overlap_fraction, default=1 / 3,
                    help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
-    p.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
+    p.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     utils.add_device_args(p)
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def overlap_fraction(text):

@@ -39,7 +39,7 @@ def get_args_parser():
     p.add_argument("--port", type=int, default=8000)
     utils.add_device_args(p, amp_help=None)
     p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=dataset.MAX_IMAGE_PIXELS, help="larger images are refused (413)")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
     return p
 
@@ -151,7 +151,7 @@ class Gate:
             self.pending -= 1
 
 
-def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=50_000_000, queue=4):
+def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IMAGE_PIXELS, queue=4):
     app = FastAPI(title="recycleseg", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(queue)
 

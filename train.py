@@ -31,16 +31,10 @@ SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
 RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir",
                     "preflight", "max_image_pixels")
-RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")  # what a run writes in its folder
+# what a run writes in its folder
+RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def get_args_parser():
@@ -52,7 +46,7 @@ def get_args_parser():
     g.add_argument("--val-json", default="val.json", help="validation json, relative to --data-root")
     g.add_argument("--fold", type=int, default=None,
                    help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
-    g.add_argument("--n-folds", type=positive_int, default=5, help="number of folds for --fold")
+    g.add_argument("--n-folds", type=utils.positive_int, default=5, help="number of folds for --fold")
     g.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (kept apart from --seed)")
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
@@ -64,15 +58,15 @@ def get_args_parser():
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
     g.add_argument("--cache-images", action="store_true",
                    help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
-    g.add_argument("--size", type=positive_int, default=512, help="training and validation image side in pixels")
-    g.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
+    g.add_argument("--size", type=utils.positive_int, default=512, help="training and validation image side in pixels")
+    g.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=float, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
-    g.add_argument("--copy-paste-max", type=positive_int, default=3, help="most objects pasted into one image")
+    g.add_argument("--copy-paste-max", type=utils.positive_int, default=3, help="most objects pasted into one image")
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
     g.add_argument("--pseudo-ratio", type=float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
@@ -96,7 +90,7 @@ def get_args_parser():
                    help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
     g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
-    g.add_argument("--decoder-channels", type=positive_int, nargs="+", default=None,
+    g.add_argument("--decoder-channels", type=utils.positive_int, nargs="+", default=None,
                    help="decoder width: one number (deeplabv3p, upernet, segformer) or five (unetpp, unet)")
     g.add_argument("--aux-weight", type=float, default=None,
                    help="loss weight of the auxiliary outputs: upernet's FCN head (default 0.4, 0 removes it), "
@@ -125,9 +119,10 @@ def get_args_parser():
                    help="cosine restart period in epochs (default: one cycle over the whole run)")
     g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
     g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
-    g.add_argument("--epochs", type=positive_int, default=30)
-    g.add_argument("--batch-size", type=positive_int, default=8, help="images per step and process")
-    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--epochs", type=utils.positive_int, default=30)
+    g.add_argument("--batch-size", type=utils.positive_int, default=8, help="images per step and process")
+    g.add_argument("--accum-steps", type=utils.positive_int, default=1,
+                   help="gradient accumulation steps per optimizer step")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     g = p.add_argument_group("speed")
     utils.add_device_args(g, amp_help="mixed precision (fp16 uses a gradient scaler; bf16 also works on CPU)")
@@ -141,7 +136,8 @@ def get_args_parser():
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a checkpoint: its run files "
                         f"({', '.join(RUN_FILES)}) are deleted first")
-    g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--val-every", type=utils.positive_int, default=1,
+                   help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")

@@ -3,6 +3,7 @@ and the submission CSV.
 
 This module imports nothing of the toolkit's own, so every other file may use it.
 """
+import argparse
 import contextlib
 import json
 import os
@@ -293,7 +294,15 @@ def _refusal_reason(err):
     return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
 
 
-# ---------------------------------------------------------------- device and mixed precision
+# ---------------------------------------------------------------- command-line flags, device and mixed precision
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
