@@ -28,7 +28,6 @@ import utils
 
 BANK_VERSION = 1  # bump when the way objects are cut out changes
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(data.DEFAULT_CACHE_DIR), "copy_paste")
-DEFAULT_CLASS_COUNT = 2  # classes pasted when none are named: the rarest ones
 MIN_OBJECT_AREA = 32  # pixels; smaller cut-outs and pastes teach nothing but noise
 PLACEMENT_TRIES = 10
 JPEG_QUALITY = 95
@@ -52,21 +51,6 @@ def instance_map(coco, image, paint_order):
     for k, ann in enumerate(anns, start=1):
         indices[data.decode_annotation(ann, height, width) > 0] = k
     return indices, anns
-
-
-def rarest_classes(dataset, count=DEFAULT_CLASS_COUNT):
-    """Names of the `count` categories with the fewest annotations in the dataset's images (at least one)."""
-    counts = collections.Counter(ann["category_id"] for image in dataset.images
-                                 for ann in dataset.coco.anns_by_image[image["id"]])
-    rarest = sorted(counts, key=lambda cat_id: (counts[cat_id], cat_id))[:count]
-    return [dataset.class_names[dataset.coco.cat_to_label[cat_id]] for cat_id in rarest]
-
-
-def parse_classes(classes):
-    """None, a comma-separated string or a list of names -> list of names (None stays None)."""
-    if classes is None or isinstance(classes, (list, tuple)):
-        return classes
-    return [name.strip() for name in classes.split(",") if name.strip()] or None
 
 
 # ---------------------------------------------------------------- object bank
@@ -97,9 +81,9 @@ class ObjectBank:
     @classmethod
     def for_dataset(cls, dataset, classes=None, cache_dir=DEFAULT_CACHE_DIR):
         """The bank of `classes` (names; None: the rarest two) over the dataset's own images, cached."""
-        names = parse_classes(classes) or rarest_classes(dataset)
+        names = data.parse_classes(classes) or data.rarest_classes(dataset)
         labels = _labels_of(names, dataset)
-        paint_order = dataset.masks.paint_order
+        paint_order = dataset.paint_order
         image_ids = sorted(image["id"] for image in dataset.images)
         key = json.dumps([BANK_VERSION, MIN_OBJECT_AREA, dataset.coco.content_hash, paint_order, labels, image_ids])
         path = os.path.join(cache_dir, f"bank-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
@@ -332,7 +316,7 @@ def synthesize(dataset, paster, index, seed):
     info = dataset.images[index % len(dataset)]
     rng = np.random.default_rng([seed, index])
     image = data.read_image(coco.image_path(info), (info["height"], info["width"]))
-    instances, anns = instance_map(coco, info, dataset.masks.paint_order)
+    instances, anns = instance_map(coco, info, dataset.paint_order)
     label_cats = [None] + [category["id"] for category in coco.categories]
     categories = [ann["category_id"] for ann in anns]
     labels = np.array([0] + [coco.cat_to_label[c] for c in categories], dtype=np.uint8)[instances]
@@ -444,8 +428,7 @@ def get_args_parser():
 
 
 def main(args):
-    if args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    data.prepare_data_root(args.data_root)
     data.require_json(args.data_root, args.json, "--json")
     path = generate(args.data_root, args.json, args.out, args.n, args.classes, args.seed, args.max_objects,
                     args.cache_dir)

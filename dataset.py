@@ -1,8 +1,7 @@
 """COCO json -> label masks (cached), the Dataset, augmentation presets and k-fold splits.
 
-Run as a script to build the synthetic demo dataset or to summarise a dataset:
+Run as a script to summarise a dataset or split off a subset (`make-demo` is an alias of demo.py):
 
-    python dataset.py make-demo --root data/demo
     python dataset.py summary --root data/demo --json train_all.json
     python dataset.py summary --root data/demo --json train_all.json --report reports/demo --fold 0   # charts
     python dataset.py subset --root data/demo --json train.json --n 30   # train_30.json + train_30_rest.json
@@ -28,13 +27,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from torch.utils.data import default_collate
 
-from utils import IGNORE_INDEX, UserError, atomic_write_json, atomic_write_npy, atomic_write_png, run_main
+import demo
+from utils import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_write_json, atomic_write_npy,
+                   atomic_write_png, format_class_table, run_main)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA_ROOT = os.path.join(HERE, "data", "demo")
+DEFAULT_DATA_ROOT = demo.DEFAULT_ROOT  # the synthetic demo set, built there on first use
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "recycleseg", "masks")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PAINT_ORDERS = ("area", "vertices")
 AUGMENTATIONS = ("none", "light", "strong")
 CACHE_VERSION = 1  # bump when the way masks are painted changes
@@ -449,16 +447,22 @@ def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file {path} does not exist")
     with open(path, "rb") as f:
-        contents = f.read()
-    layout = jpeg_layout(contents)
-    if layout is not None and layout.components in (1, 3):
-        check_pixel_limit(path, layout.width, layout.height, max_pixels)
-        rgb = decode_jpeg(contents, path, layout.complete)
-    else:
-        rgb = decode_with_pillow(contents, path, max_pixels)
+        rgb = decode_image(f.read(), path, max_pixels)
     if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
         raise UserError(size_mismatch_message(path, rgb.shape[:2], expected_hw))
     return rgb
+
+
+def decode_image(contents, path, max_pixels=MAX_IMAGE_PIXELS):
+    """An image file's bytes -> RGB pixels, as read_image reads the file (`path` names it in messages).
+
+    Colour and greyscale JPEGs take OpenCV's fast path; everything else goes through Pillow.
+    """
+    layout = jpeg_layout(contents)
+    if layout is not None and layout.components in (1, 3):
+        check_pixel_limit(path, layout.width, layout.height, max_pixels)
+        return decode_jpeg(contents, path, layout.complete)
+    return decode_with_pillow(contents, path, max_pixels)
 
 
 def decode_jpeg(contents, path, complete):
@@ -534,7 +538,7 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
     try:
         image = Image.open(io.BytesIO(contents) if contents is not None else path)
     except UnidentifiedImageError:
-        raise UserError(f"image file {path} {_unreadable_reason(path)}") from None
+        raise UserError(f"image file {path} {_unreadable_reason(path, contents)}") from None
     except (OSError, SyntaxError, ValueError) as err:  # recognised, but its header is cut or damaged
         raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
     try:
@@ -545,16 +549,26 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
     return image
 
 
+class ImageTooLarge(UserError):
+    """An image over the pixel limit; `width` and `height` say its size."""
+
+    def __init__(self, message, width, height):
+        super().__init__(message)
+        self.width, self.height = width, height
+
+
 def check_pixel_limit(path, width, height, max_pixels):
     if max_pixels is not None and width * height > max_pixels:
-        raise UserError(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+        raise ImageTooLarge(f"image file {path} is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
                         f"limit of {max_pixels / 1e6:g} (a guard against decompression bombs); if the photo is "
-                        f"genuine, raise the limit with --max-image-pixels")
+                        f"genuine, raise the limit with --max-image-pixels", width, height)
 
 
-def _unreadable_reason(path):
-    with open(path, "rb") as f:
-        head = f.read(16)
+def _unreadable_reason(path, contents=None):
+    if contents is None:
+        with open(path, "rb") as f:
+            contents = f.read(16)
+    head = contents[:16]
     for offset, magic, name in UNREADABLE_FORMATS:
         if head[offset:offset + len(magic)] == magic:
             return f"is a {name} file, which this toolkit does not read: convert it to JPEG or PNG"
@@ -668,6 +682,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     @property
     def class_names(self):
         return self.coco.class_names
+
+    @property
+    def paint_order(self):
+        """The overlap rule the label masks are painted with (None in test mode: no masks)."""
+        return self.masks.paint_order if self.masks is not None else None
 
     def __len__(self):
         return len(self.images)
@@ -822,9 +841,124 @@ def image_overlap(train_sets, val_set):
     return {key: counts[key] for key in ("file name", "resolved path", "content", "same file")}
 
 
+# ---------------------------------------------------------------- pseudo-label folders
+# pseudo_label.py writes OUT/masks/<file stem>.png and OUT/manifest.json; training reads them here.
+PSEUDO_MANIFEST = "manifest.json"
+PSEUDO_MASK_DIR = "masks"
+PSEUDO_MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
+
+
+def read_label_png(path):
+    """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise ValueError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale)")
+        return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
+
+
+def pseudo_mask_name(file_name):
+    """A pseudo-label mask's path inside its folder."""
+    return os.path.join(PSEUDO_MASK_DIR, output_name(file_name))
+
+
+def read_manifest(out_dir):
+    path = os.path.join(out_dir, PSEUDO_MANIFEST)
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
+    with open(path) as f:
+        manifest = json.load(f)
+    missing = [key for key in PSEUDO_MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a pseudo-label manifest")
+    return manifest
+
+
+def drop_val_images(items, source, val_dataset):
+    """Items that are not validation images of `val_dataset`.
+
+    An item is a val image when its file resolves to a val image's file, or --
+    only when it came from the very json the val set reads (same content hash),
+    since ids of different jsons are unrelated -- when its image id is a val id.
+    """
+    val_paths = {os.path.realpath(val_dataset.coco.image_path(image)) for image in val_dataset.images}
+    same_json = source.get("json_hash") == val_dataset.coco.content_hash
+    val_ids = {image["id"] for image in val_dataset.images} if same_json else set()
+    return [item for item in items
+            if os.path.realpath(item["image"]) not in val_paths and item["image_id"] not in val_ids]
+
+
+class PseudoLabelDataset(torch.utils.data.Dataset):
+    """The images and masks of a pseudo_label.py output folder, for training.
+
+    Indexed like the training datasets: `(index, augmentation seed)`, or a
+    plain index. Returns (image tensor, long mask) with 255 kept as ignore.
+    `exclude`: the val SegmentationDataset of this run (or fold); its images
+    are dropped. Checking `class_names` against the training set is the caller's.
+    """
+
+    def __init__(self, out_dir, transform, exclude=None):
+        manifest = read_manifest(out_dir)
+        self.out_dir, self.transform = out_dir, transform
+        self.class_names = manifest["class_names"]
+        self.items = manifest["items"]
+        if exclude is not None:
+            self.items = drop_val_images(self.items, manifest["source"], exclude)
+            print(f"{out_dir}: dropped {len(manifest['items']) - len(self.items)} pseudo-labelled image(s) "
+                  f"that are validation images of this run; {len(self.items)} left")
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        item = self.items[seeded_index(key, self.transform)]
+        mask_path = os.path.join(self.out_dir, item["mask"])
+        mask = read_label_png(mask_path)
+        image = read_image(item["image"], mask.shape)
+        out = self.transform(image=image, mask=mask)
+        return out["image"], torch.as_tensor(out["mask"]).long()
+
+
+class RatioMix(torch.utils.data.Dataset):
+    """`length` draws per epoch from `pseudo`, with replacement, fixed by the sampler's seeds.
+
+    Index i with augmentation seed s -> pseudo item s % len(pseudo), augmented
+    with seed s. The seed depends on (run seed, epoch, index) only, so each
+    epoch draws a different subset, identical on resume and for any number
+    of workers. A plain index i (no seed) -> item i % len(pseudo).
+    """
+
+    def __init__(self, pseudo, length):
+        if len(pseudo) == 0:
+            raise ValueError("no pseudo-labelled images to mix in (all were validation images?)")
+        self.pseudo, self.length = pseudo, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        index, seed = item_key(key)
+        if seed is None:
+            return self.pseudo[index % len(self.pseudo)]
+        return self.pseudo[(seed % len(self.pseudo), seed)]
+
+
+def mix_ratio_dataset(pseudo, n_labelled, ratio):
+    """round(ratio * n_labelled) pseudo draws per epoch (see RatioMix); None when that is 0 or ratio <= 0."""
+    length = round(ratio * n_labelled) if ratio > 0 else 0
+    return RatioMix(pseudo, length) if length > 0 else None
+
+
+# ---------------------------------------------------------------- item keys
+# Training datasets are read with `(index, augmentation seed)` keys (ResumableSampler makes them), so the
+# augmented stream depends on (run seed, epoch, index) alone; evaluation reads plain indices.
+def item_key(key):
+    """(index, augmentation seed or None) of a dataset key."""
+    return key if isinstance(key, tuple) else (key, None)
+
+
 def seeded_index(key, transform):
-    """Training datasets are read with `(index, augmentation seed)` keys: seed the transform, return the index."""
-    index, seed = key if isinstance(key, tuple) else (key, None)
+    """Seed the transform with the key's augmentation seed (if any); return the index."""
+    index, seed = item_key(key)
     if seed is not None:
         transform.set_random_seed(seed)
     return index
@@ -842,7 +976,7 @@ class SeededConcatDataset(torch.utils.data.ConcatDataset):
     """Training datasets in a row, indexed by `(index, augmentation seed)` pairs."""
 
     def __getitem__(self, key):
-        index, seed = key
+        index, seed = item_key(key)
         part = bisect.bisect_right(self.cumulative_sizes, index)
         offset = self.cumulative_sizes[part - 1] if part else 0
         return self.datasets[part][(index - offset, seed)]
@@ -877,6 +1011,34 @@ def augmentation_seed(seed, epoch, index, *more):
 
 
 # ---------------------------------------------------------------- rare classes
+RARE_CLASS_COUNT = 2  # classes copy-paste and rare-class crops favour when none are named: the rarest ones
+
+
+def annotation_counts(coco, images=None):
+    """Annotations per category id in `images` (default: all of the json's)."""
+    image_ids = coco.anns_by_image if images is None else [image["id"] for image in images]
+    return collections.Counter(ann["category_id"] for image_id in image_ids for ann in coco.anns_by_image[image_id])
+
+
+def by_rarity(counts):
+    """Sort key over the keys of `counts` (category ids or labels): fewest annotations first, then the lower key."""
+    return lambda key: (counts[key], key)
+
+
+def rarest_classes(dataset, count=RARE_CLASS_COUNT):
+    """Names of the `count` categories with the fewest annotations in the dataset's images (at least one)."""
+    counts = annotation_counts(dataset.coco, dataset.images)
+    rarest = sorted(counts, key=by_rarity(counts))[:count]
+    return [dataset.class_names[dataset.coco.cat_to_label[cat_id]] for cat_id in rarest]
+
+
+def parse_classes(classes):
+    """None, a comma-separated string or a list of class names -> list of names (None stays None)."""
+    if classes is None or isinstance(classes, (list, tuple)):
+        return classes
+    return [name.strip() for name in classes.split(",") if name.strip()] or None
+
+
 def image_labels(dataset):
     """Per image of a SegmentationDataset: the set of labels its annotations hold (background not counted)."""
     to_label = dataset.coco.cat_to_label
@@ -1045,8 +1207,8 @@ class LutNormalize(A.Normalize):
 # ---------------------------------------------------------------- k-fold
 def rarest_class_per_image(coco):
     """For each image: its rarest category id by the json's annotation counts (0 when none)."""
-    counts = collections.Counter(a["category_id"] for anns in coco.anns_by_image.values() for a in anns)
-    return {image_id: min((a["category_id"] for a in anns), key=lambda c: (counts[c], c), default=0)
+    counts = annotation_counts(coco)
+    return {image_id: min((a["category_id"] for a in anns), key=by_rarity(counts), default=0)
             for image_id, anns in coco.anns_by_image.items()}
 
 
@@ -1106,51 +1268,36 @@ def write_subset(root, json_name, n, seed=0):
 
 
 # ---------------------------------------------------------------- demo data
+def prepare_data_root(root):
+    """A script's --data-root, ready to read: the default one is the demo set, built on first use."""
+    if root == DEFAULT_DATA_ROOT:
+        ensure_demo(root)
+    return root
+
+
 def ensure_demo(root=DEFAULT_DATA_ROOT, **kwargs):
     """Build the synthetic demo dataset when `root` holds none yet."""
     if not os.path.isfile(os.path.join(root, "train_all.json")):
-        from demo import make_demo
-
         print(f"building the synthetic demo dataset in {root} (first use)")
-        make_demo(root, **kwargs)
+        demo.make_demo(root, **kwargs)
     return root
 
 
 def summarise(root, json_name, paint_order="area"):
     dataset = SegmentationDataset(root, json_name, mode="val", paint_order=paint_order)
     dataset.coco.report_notes()
-    anns = collections.Counter(a["category_id"] for a in sum(dataset.coco.anns_by_image.values(), []))
+    anns = annotation_counts(dataset.coco)
     pixels = pixel_counts(dataset)
     print(f"{json_name}: {len(dataset)} images")
-    print(f"{'class':<16}{'annotations':>12}{'pixel share':>13}")
-    for label, name in enumerate(dataset.class_names):
-        cat_id = dataset.coco.categories[label - 1]["id"] if label else None
-        print(f"{name:<16}{anns.get(cat_id, 0) if label else '-':>12}{pixels[label] / pixels.sum():>13.4f}")
-
-
-def parse_sizes(text):
-    """'512x512,640x480' -> [(512, 512), (640, 480)] (width x height)."""
-    try:
-        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
-    except ValueError:
-        sizes = []
-    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
-    return sizes
+    annotations = ["-"] + [anns.get(category["id"], 0) for category in dataset.coco.categories]
+    shares = pixels / pixels.sum()
+    print(format_class_table(dataset.class_names, [("annotations", annotations), ("pixel share", shares)]))
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-demo", help="build the synthetic demo dataset")
-    make.add_argument("--root", default=DEFAULT_DATA_ROOT, help="output folder")
-    make.add_argument("--seed", type=int, default=0)
-    make.add_argument("--size", type=int, default=512, help="image side in pixels")
-    make.add_argument("--sizes", type=parse_sizes, default=None, metavar="WxH,...",
-                      help="photo sizes taken in turn, e.g. 512x512,640x480,480x640 (overrides --size)")
-    make.add_argument("--n-train", type=int, default=120)
-    make.add_argument("--n-val", type=int, default=30)
-    make.add_argument("--n-test", type=int, default=30)
+    demo.add_demo_args(commands.add_parser("make-demo", help="build the synthetic demo dataset (as python demo.py)"))
     summary = commands.add_parser("summary", help="annotation and pixel counts per class")
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
@@ -1171,14 +1318,8 @@ def get_args_parser():
 
 def main(args):
     if args.command == "make-demo":
-        from demo import make_demo
-
-        make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train,
-                  n_val=args.n_val, n_test=args.n_test, sizes=args.sizes)
-        print(f"demo dataset written to {args.root}")
-        return
-    if args.root == DEFAULT_DATA_ROOT:
-        ensure_demo(args.root)
+        return demo.main(args)
+    prepare_data_root(args.root)
     require_json(args.root, args.json, "--json")
     if args.command == "subset":
         print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))

@@ -1,5 +1,8 @@
 """Synthetic demo dataset: photos of recycling waste on floors, in the competition's layout.
 
+    python demo.py --root data/demo --seed 0 --size 512
+    python demo.py --root data/demo_mixed --sizes 512x512,640x480,480x640   # portrait and landscape
+
 `make_demo(root)` writes JPEG photos under batch folders plus COCO files train.json,
 val.json, train_all.json and test.json. Each class has its own shape family, colour
 range and texture; floors are wood, tiles, concrete or carpet under uneven lighting.
@@ -8,6 +11,7 @@ Labels match pixels exactly: every object is drawn through the very mask pycocot
 decodes from its stored polygon, in descending annotation area (the order the loader
 paints masks in), so the decoded label map is what the photo shows.
 """
+import argparse
 import colorsys
 import collections
 import os
@@ -18,6 +22,7 @@ from pycocotools import mask as mask_utils
 
 import utils
 
+DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")  # scripts' default data
 CATEGORY_NAMES = [
     "General trash", "Paper", "Paper pack", "Metal", "Glass",
     "Plastic", "Styrofoam", "Plastic bag", "Battery", "Clothing",
@@ -598,3 +603,43 @@ def make_demo(root, seed=0, size=512, n_train=120, n_val=30, n_test=30, sizes=No
                               ("test", ["test"])]:
         utils.atomic_write_json(os.path.join(root, f"{name}.json"), coco(split_names))
     return root
+
+
+# ---------------------------------------------------------------- command line
+def parse_sizes(text):
+    """'512x512,640x480' -> [(512, 512), (640, 480)] (width x height)."""
+    try:
+        sizes = [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
+    return sizes
+
+
+def add_demo_args(parser):
+    """The flags of `python demo.py` (also those of its alias `python dataset.py make-demo`)."""
+    parser.add_argument("--root", default=DEFAULT_ROOT, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--sizes", type=parse_sizes, default=None, metavar="WxH,...",
+                        help="photo sizes taken in turn, e.g. 512x512,640x480,480x640 (overrides --size)")
+    parser.add_argument("--n-train", type=int, default=120)
+    parser.add_argument("--n-val", type=int, default=30)
+    parser.add_argument("--n-test", type=int, default=30)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_demo_args(parser)
+    return parser
+
+
+def main(args):
+    make_demo(args.root, seed=args.seed, size=args.size, n_train=args.n_train, n_val=args.n_val,
+              n_test=args.n_test, sizes=args.sizes)
+    print(f"demo dataset written to {args.root}")
+
+
+if __name__ == "__main__":
+    utils.run_main(main, get_args_parser())

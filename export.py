@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 import dataset as data
-import inference
+import ensemble as ensembles
 import model as models
 import utils
 
@@ -128,19 +128,18 @@ def verify(path, images, reference_probs, labels, max_prob_diff, min_agreement, 
 
 
 def main(args):
-    path = inference.expand_checkpoints([args.checkpoint])[0]
+    path = ensembles.expand_checkpoints([args.checkpoint])[0]
     checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
     size = args.size or checkpoint["image_size"]
-    if args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    data.prepare_data_root(args.data_root)
     images = check_images(args.data_root, args.json, args.check_images, size)
     with torch.inference_mode():  # the reference: the checkpoint's own model, BatchNorm not folded
-        reference = inference.NormalisedSoftmax(load_net(checkpoint), checkpoint["mean"], checkpoint["std"])
+        reference = ensembles.NormalisedSoftmax(load_net(checkpoint), checkpoint["mean"], checkpoint["std"])
         reference_probs = reference(images.float() / 255)
-    module = ExportedModel(models.prepare_for_inference(load_net(checkpoint)), checkpoint["mean"],
+    module = ExportedModel(ensembles.prepare_for_inference(load_net(checkpoint)), checkpoint["mean"],
                            checkpoint["std"], args.labels).eval()
     proto = export_onnx(module, size, args.opset)
-    onnx.helper.set_model_props(proto, inference.onnx_metadata(description(checkpoint, size, args.labels)))
+    onnx.helper.set_model_props(proto, ensembles.onnx_metadata(description(checkpoint, size, args.labels)))
     result = {}
 
     def check(tmp):

@@ -12,13 +12,11 @@ import os
 
 import timm
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from utils import IMAGENET_MEAN, IMAGENET_STD
+
 
 # Short encoder names -> timm names; the tags pick weights that exist on the timm hub.
 # effb6/effb7 only have hub weights as TensorFlow ports ("same" padding, a little slower).
@@ -713,70 +711,3 @@ def segformer(encoder, num_classes, in_channels=3, pretrained=False, weights=Non
     """SegFormer's all-MLP head on any hierarchical encoder (the paper's MiT, Swin, ConvNeXt, CNNs)."""
     enc = Encoder(encoder, in_channels, pretrained=pretrained, weights=weights, **(encoder_kwargs or {}))
     return SegFormer(enc, num_classes, decoder_channels, dropout)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference
-
-
-class _ConvBnTracer(torch.fx.Tracer):
-    """Keeps convs, BatchNorms (including subclasses with a fused activation) and the layers timm
-    marks as untraceable (dynamic "same" padding, ...) as graph leaves."""
-
-    def __init__(self):
-        super().__init__(autowrap_functions=tuple(timm.layers.get_notrace_functions()))
-
-    def is_leaf_module(self, module, qualified_name):
-        return (
-            isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
-            or timm.layers.is_notrace_module(type(module))
-            or super().is_leaf_module(module, qualified_name)
-        )
-
-
-def fuse_conv_bn(module):
-    """Fold eval-mode BatchNorms into the conv that feeds them; returns how many were folded.
-
-    The pairs come from an FX trace, so a conv is only fused when the BatchNorm is the sole
-    consumer of its output. A module that cannot be traced (shape-dependent Python, list
-    inputs) is handled child by child.
-    """
-    try:
-        graph = _ConvBnTracer().trace(module)
-    except Exception:  # any tracing failure: fall back to the children
-        return sum(fuse_conv_bn(child) for child in module.children())
-    modules = dict(module.named_modules())
-    calls = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    fused = 0
-    for node in graph.nodes:
-        source = node.args[0] if node.args else None
-        if node.op != "call_module" or not isinstance(source, torch.fx.Node) or source.op != "call_module":
-            continue
-        bn, conv = modules[node.target], modules[source.target]
-        if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and bn.running_mean is not None):
-            continue
-        if len(source.users) != 1 or calls[node.target] != 1 or calls[source.target] != 1:
-            continue
-        conv.weight, conv.bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
-        )
-        # BatchNorm subclasses with a built-in activation (timm's BatchNormAct2d) keep it
-        after = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
-        parent, _, name = node.target.rpartition(".")
-        setattr(module.get_submodule(parent), name, after)
-        fused += 1
-    return fused
-
-
-@torch.no_grad()
-def prepare_for_inference(model):
-    """Eval mode, BatchNorm folded into convs, channels_last weights. Same outputs, faster on CPU.
-
-    Fused models cannot be trained any more: use this only on a copy meant for inference.
-    """
-    model.eval()
-    fuse_conv_bn(model)
-    return model.to(memory_format=torch.channels_last)

@@ -8,32 +8,27 @@ Each pixel gets the ensemble's most likely class when that class's averaged
 probability is at least --threshold, and the ignore label 255 otherwise, so
 retraining learns only from confident pixels. Writes OUT/masks/<file stem>.png
 (paletted PNGs holding the raw labels) and OUT/manifest.json, which train.py
-reads through PseudoLabelDataset; validation images of the run being trained
+reads through dataset.PseudoLabelDataset; validation images of the run being trained
 are dropped there, so pseudo-labels never leak into its validation.
 """
 import argparse
 import contextlib
-import json
 import os
 
 import numpy as np
 import torch
-from PIL import Image
 
 import dataset as data
-import inference
+import ensemble as ensembles
 import utils
 
-MANIFEST = "manifest.json"
-MASK_DIR = "masks"
-MANIFEST_KEYS = ("class_names", "threshold", "checkpoints", "source", "items")
 MIN_KEPT_SHARE = 0.3  # below this share of pixels kept, retraining learns from too little
 CONFIDENCE_BINS = 1000  # histogram of top-class probabilities, to suggest a threshold
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    inference.add_ensemble_args(p)
+    ensembles.add_ensemble_args(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--json", default="test.json",
                         help="images to label, relative to --data-root; annotations in it are not read")
@@ -91,22 +86,10 @@ def check_kept_share(kept_share, histogram, threshold, allow):
     print(f"warning: {message}")
 
 
-def read_label_png(path):
-    """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
-    with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise ValueError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale)")
-        return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-
-
-def mask_name(file_name):
-    return os.path.join(MASK_DIR, data.output_name(file_name))
-
-
 # ---------------------------------------------------------------- unlabelled sources
 def open_source(args, class_names):
     """(dataset of unlabelled images, its image-path function, the manifest's `source` record)."""
-    transform = inference.unit_range_transform()
+    transform = ensembles.unit_range_transform()
     if args.image_dir:
         dataset = data.ImageFolderDataset([args.image_dir], transform, skip_dir=args.out,
                                           max_pixels=args.max_image_pixels)
@@ -122,148 +105,50 @@ def open_source(args, class_names):
     return dataset, dataset.coco.image_path, source
 
 
-# ---------------------------------------------------------------- manifest
-def read_manifest(out_dir):
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.isfile(path):
-        raise utils.UserError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
-    with open(path) as f:
-        manifest = json.load(f)
-    missing = [key for key in MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: not a pseudo-label manifest")
-    return manifest
-
-
-def drop_val_images(items, source, val_dataset):
-    """Items that are not validation images of `val_dataset`.
-
-    An item is a val image when its file resolves to a val image's file, or --
-    only when it came from the very json the val set reads (same content hash),
-    since ids of different jsons are unrelated -- when its image id is a val id.
-    """
-    val_paths = {os.path.realpath(val_dataset.coco.image_path(image)) for image in val_dataset.images}
-    same_json = source.get("json_hash") == val_dataset.coco.content_hash
-    val_ids = {image["id"] for image in val_dataset.images} if same_json else set()
-    return [item for item in items
-            if os.path.realpath(item["image"]) not in val_paths and item["image_id"] not in val_ids]
-
-
-class PseudoLabelDataset(torch.utils.data.Dataset):
-    """The images and masks of a pseudo_label.py output folder, for training.
-
-    Indexed like the training datasets: `(index, augmentation seed)`, or a
-    plain index. Returns (image tensor, long mask) with 255 kept as ignore.
-    `exclude`: the val SegmentationDataset of this run (or fold); its images
-    are dropped. Checking `class_names` against the training set is the caller's.
-    """
-
-    def __init__(self, out_dir, transform, exclude=None):
-        manifest = read_manifest(out_dir)
-        self.out_dir, self.transform = out_dir, transform
-        self.class_names = manifest["class_names"]
-        self.items = manifest["items"]
-        if exclude is not None:
-            self.items = drop_val_images(self.items, manifest["source"], exclude)
-            print(f"{out_dir}: dropped {len(manifest['items']) - len(self.items)} pseudo-labelled image(s) "
-                  f"that are validation images of this run; {len(self.items)} left")
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, key):
-        item = self.items[data.seeded_index(key, self.transform)]
-        mask_path = os.path.join(self.out_dir, item["mask"])
-        mask = read_label_png(mask_path)
-        image = data.read_image(item["image"], mask.shape)
-        out = self.transform(image=image, mask=mask)
-        return out["image"], torch.as_tensor(out["mask"]).long()
-
-
-class RatioMix(torch.utils.data.Dataset):
-    """`length` draws per epoch from `pseudo`, with replacement, fixed by the sampler's seeds.
-
-    Index i with augmentation seed s -> pseudo item s % len(pseudo), augmented
-    with seed s. The seed depends on (run seed, epoch, index) only, so each
-    epoch draws a different subset, identical on resume and for any number
-    of workers. A plain index i (no seed) -> item i % len(pseudo).
-    """
-
-    def __init__(self, pseudo, length):
-        if len(pseudo) == 0:
-            raise ValueError("no pseudo-labelled images to mix in (all were validation images?)")
-        self.pseudo, self.length = pseudo, length
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is None:
-            return self.pseudo[index % len(self.pseudo)]
-        return self.pseudo[(seed % len(self.pseudo), seed)]
-
-
-def mix_ratio_dataset(pseudo, n_labelled, ratio):
-    """round(ratio * n_labelled) pseudo draws per epoch (see RatioMix); None when that is 0 or ratio <= 0."""
-    length = round(ratio * n_labelled) if ratio > 0 else 0
-    return RatioMix(pseudo, length) if length > 0 else None
-
-
 # ---------------------------------------------------------------- main
 def print_summary(class_names, counts):
     """Pixels per pseudo-label class and the share of all pixels kept."""
     kept = counts[:len(class_names)].sum()
     total = kept + counts[utils.IGNORE_INDEX]
-    width = max(len(name) for name in class_names)
-    print(f"{'class':<{width}}  {'pixels':>12}  share of kept")
-    for name, count in zip(class_names, counts):
-        print(f"{name:<{width}}  {count:>12}  {count / max(kept, 1):.4f}")
+    pixels = counts[:len(class_names)]
+    print(utils.format_class_table(class_names, [("pixels", pixels), ("share of kept", pixels / max(kept, 1))]))
     print(f"kept {kept} of {total} pixels ({kept / max(total, 1):.1%}); the rest are 255 (ignored)")
 
 
 def main(args):
-    if args.image_dir is None and args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    if args.image_dir is None:
+        data.prepare_data_root(args.data_root)
     check_threshold(args.threshold)
-    ensemble, class_names = inference.load_ensemble(args.checkpoints, args.device, inference.build_tta(args),
-                                                    tiling=inference.build_tiling(args))
+    ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
+                                                    tiling=ensembles.build_tiling(args))
     dataset, image_path, source = open_source(args, class_names)
     data.check_unique_stems(info["file_name"] for info in dataset.images)
     # a run stopped midway must not leave an older manifest that points at overwritten masks
     with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(args.out, MANIFEST))
-    # sequential order: predict() maps batch positions back to dataset.images
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=data.collate_mixed)
+        os.remove(os.path.join(args.out, data.PSEUDO_MANIFEST))
     palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
     confidences = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
     items = []
-    skipped = len(getattr(dataset, "skipped", []))
-    for index, prob in inference.predict(ensemble, loader, args.device, args.amp):
-        info = dataset.images[index]
-        if isinstance(prob, utils.UserError):
-            print(f"skipped: {prob}")
-            skipped += 1
-            continue
+    predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
+    for _, info, prob in predictions:
         mask = pseudo_mask(prob, args.threshold)
-        utils.atomic_write_png(os.path.join(args.out, mask_name(info["file_name"])), mask, palette)
+        utils.atomic_write_png(os.path.join(args.out, data.pseudo_mask_name(info["file_name"])), mask, palette)
         image_counts = np.bincount(mask.ravel(), minlength=256)
         counts += image_counts
         confidences += confidence_histogram(prob)
         items.append({"file_name": info["file_name"], "image_id": info["id"],
-                      "image": os.path.abspath(image_path(info)), "mask": mask_name(info["file_name"]),
+                      "image": os.path.abspath(image_path(info)), "mask": data.pseudo_mask_name(info["file_name"]),
                       "kept": float(1 - image_counts[utils.IGNORE_INDEX] / mask.size)})
     print_summary(class_names, counts)
     check_kept_share(1 - counts[utils.IGNORE_INDEX] / max(counts.sum(), 1), confidences, args.threshold,
                      args.allow_low_keep)
     manifest = {"class_names": list(class_names), "threshold": args.threshold,
-                "checkpoints": [os.path.abspath(p) for p in inference.expand_checkpoints(args.checkpoints)],
+                "checkpoints": [os.path.abspath(p) for p in ensembles.expand_checkpoints(args.checkpoints)],
                 "source": source, "items": items}
-    utils.atomic_write_json(os.path.join(args.out, MANIFEST), manifest)
-    print(f"wrote {len(items)} masks and {os.path.join(args.out, MANIFEST)}"
-          + (f"; {skipped} unreadable file(s) skipped" if skipped else ""))
+    utils.atomic_write_json(os.path.join(args.out, data.PSEUDO_MANIFEST), manifest)
+    print(f"wrote {len(items)} masks and {os.path.join(args.out, data.PSEUDO_MANIFEST)}"
+          + (f"; {predictions.skipped} unreadable file(s) skipped" if predictions.skipped else ""))
     return manifest
 
 

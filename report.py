@@ -234,7 +234,7 @@ def _fold_counts(coco, image_ids):
 def sample_image_indices(dataset, labels_per_image, annotations_per_class, count=12, seed=0):
     """Dataset indices to show: one image for each class, rarest class first, then seeded random ones."""
     chosen, covered = [], set()
-    for label in sorted(range(1, len(annotations_per_class)), key=lambda c: (annotations_per_class[c], c)):
+    for label in sorted(range(1, len(annotations_per_class)), key=data.by_rarity(annotations_per_class)):
         if annotations_per_class[label] == 0 or label in covered:
             continue
         index = next(i for i, image in enumerate(dataset.images) if label in labels_per_image[image["id"]])

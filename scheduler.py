@@ -1,4 +1,8 @@
-"""Optimizers and per-step learning-rate schedules (warmup, then cosine with warm restarts, poly or constant)."""
+"""Builds the optimizers and the per-step learning-rate schedules of training.
+
+`build_optimizer`: RAdam, AdamW or SGD, weight decay on weights only (not biases and norms).
+`build_scheduler`: warmup, then cosine with warm restarts, poly or constant, stepped once per optimizer step.
+"""
 import functools
 import math
 

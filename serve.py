@@ -22,9 +22,10 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-import inference
+import dataset
+import ensemble as ensembles
 import utils
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -32,13 +33,13 @@ RAW_TYPES = ("image/", "application/octet-stream")
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", default=["runs/*/best.pt"],
+    p.add_argument("--checkpoints", nargs="+", default=[ensembles.DEFAULT_CHECKPOINTS],
                    help="checkpoint files, run folders, ONNX files from export.py or globs (an ensemble)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    utils.add_device_args(p, amp_help=None)
     p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are refused (413)")
+    p.add_argument("--max-pixels", type=int, default=dataset.MAX_IMAGE_PIXELS, help="larger images are refused (413)")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
     return p
 
@@ -50,18 +51,14 @@ class BadUpload(Exception):
 
 
 def decode_upload(data, max_pixels):
-    """An uploaded photo's bytes -> RGB uint8 H x W x 3 as a person sees it (EXIF orientation applied)."""
+    """An uploaded photo's bytes -> RGB uint8 H x W x 3 as a person sees it, read as every script reads a file."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:
-                raise BadUpload(413, f"the image is {image.width}x{image.height} = {image.width * image.height} "
-                                     f"pixels, more than the limit of {max_pixels} (--max-pixels): send a smaller one")
-            image.load()  # decodes now, so a truncated file fails here
-            return np.array(ImageOps.exif_transpose(image).convert("RGB"))
-    except UnidentifiedImageError:
-        raise BadUpload(400, "the upload is not an image PIL can read (JPEG, PNG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise BadUpload(400, f"the image cannot be decoded (truncated or corrupt): {err}") from None
+        return dataset.decode_image(data, "upload", max_pixels)
+    except dataset.ImageTooLarge as err:
+        raise BadUpload(413, f"the image is {err.width}x{err.height} = {err.width * err.height} pixels, more than "
+                             f"the limit of {max_pixels} (--max-pixels): send a smaller one") from None
+    except utils.UserError as err:
+        raise BadUpload(400, str(err)) from None
 
 
 class Segmenter:
@@ -69,7 +66,7 @@ class Segmenter:
 
     def __init__(self, checkpoints, device="cpu"):
         self.device = device
-        self.ensemble, self.class_names = inference.load_ensemble(checkpoints, device)
+        self.ensemble, self.class_names = ensembles.load_ensemble(checkpoints, device)
         self.palette = utils.class_palette(len(self.class_names))
 
     @torch.inference_mode()
@@ -154,7 +151,7 @@ class Gate:
             self.pending -= 1
 
 
-def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=50_000_000, queue=4):
+def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IMAGE_PIXELS, queue=4):
     app = FastAPI(title="recycleseg", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(queue)
 

@@ -23,7 +23,6 @@ import copy_paste
 import dataset as data
 import loss as losses
 import model as models
-import pseudo_label
 import scheduler as schedulers
 import utils
 
@@ -32,16 +31,10 @@ SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
 RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir",
                     "preflight", "max_image_pixels")
-RUN_FILES = ("last.pt", "best.pt", "metrics.json", "args.json", "tb")  # what a run writes in its folder
+# what a run writes in its folder
+RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def get_args_parser():
@@ -53,7 +46,7 @@ def get_args_parser():
     g.add_argument("--val-json", default="val.json", help="validation json, relative to --data-root")
     g.add_argument("--fold", type=int, default=None,
                    help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
-    g.add_argument("--n-folds", type=positive_int, default=5, help="number of folds for --fold")
+    g.add_argument("--n-folds", type=utils.positive_int, default=5, help="number of folds for --fold")
     g.add_argument("--fold-seed", type=int, default=0, help="seed of the fold split (kept apart from --seed)")
     g.add_argument("--all-json", default="train_all.json", help="json split into folds by --fold")
     g.add_argument("--extra-json", nargs="*", default=[],
@@ -65,15 +58,15 @@ def get_args_parser():
     g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
     g.add_argument("--cache-images", action="store_true",
                    help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
-    g.add_argument("--size", type=positive_int, default=512, help="training and validation image side in pixels")
-    g.add_argument("--max-image-pixels", type=positive_int, default=data.MAX_IMAGE_PIXELS,
+    g.add_argument("--size", type=utils.positive_int, default=512, help="training and validation image side in pixels")
+    g.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=float, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
-    g.add_argument("--copy-paste-max", type=positive_int, default=3, help="most objects pasted into one image")
+    g.add_argument("--copy-paste-max", type=utils.positive_int, default=3, help="most objects pasted into one image")
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
     g.add_argument("--pseudo-ratio", type=float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
@@ -97,7 +90,7 @@ def get_args_parser():
                    help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
     g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
-    g.add_argument("--decoder-channels", type=positive_int, nargs="+", default=None,
+    g.add_argument("--decoder-channels", type=utils.positive_int, nargs="+", default=None,
                    help="decoder width: one number (deeplabv3p, upernet, segformer) or five (unetpp, unet)")
     g.add_argument("--aux-weight", type=float, default=None,
                    help="loss weight of the auxiliary outputs: upernet's FCN head (default 0.4, 0 removes it), "
@@ -126,14 +119,13 @@ def get_args_parser():
                    help="cosine restart period in epochs (default: one cycle over the whole run)")
     g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
     g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
-    g.add_argument("--epochs", type=positive_int, default=30)
-    g.add_argument("--batch-size", type=positive_int, default=8, help="images per step and process")
-    g.add_argument("--accum-steps", type=positive_int, default=1, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--epochs", type=utils.positive_int, default=30)
+    g.add_argument("--batch-size", type=utils.positive_int, default=8, help="images per step and process")
+    g.add_argument("--accum-steps", type=utils.positive_int, default=1,
+                   help="gradient accumulation steps per optimizer step")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     g = p.add_argument_group("speed")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
-                   help="mixed precision (fp16 uses a gradient scaler; bf16 also works on CPU)")
+    utils.add_device_args(g, amp_help="mixed precision (fp16 uses a gradient scaler; bf16 also works on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
@@ -144,7 +136,8 @@ def get_args_parser():
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a checkpoint: its run files "
                         f"({', '.join(RUN_FILES)}) are deleted first")
-    g.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and after the last)")
+    g.add_argument("--val-every", type=utils.positive_int, default=1,
+                   help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
@@ -196,9 +189,9 @@ def build_datasets(args, mean, std):
     for part in [train, val] + extra:
         part.coco.report_notes()
     if args.pseudo and args.pseudo_ratio > 0:
-        pseudo = pseudo_label.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
+        pseudo = data.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
         data.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
-        extra.append(pseudo_label.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
+        extra.append(data.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
 
@@ -238,7 +231,7 @@ def rare_crop_options(args, train):
     """data.RareClassCrop's options for --crop-rare (None when off): the rare labels and the largest class share."""
     if not args.crop_rare:
         return None
-    names = copy_paste.parse_classes(args.crop_rare_classes) or copy_paste.rarest_classes(train)
+    names = data.parse_classes(args.crop_rare_classes) or data.rarest_classes(train)
     unknown = [name for name in names if name not in train.class_names[1:]]
     if unknown:
         raise utils.UserError(f"--crop-rare-classes: unknown classes {unknown}; {train.coco.path} has "
@@ -290,11 +283,6 @@ def resolve_class_weights(spec, train_set, num_classes):
 
 
 # ---------------------------------------------------------------- steps
-def autocast(args):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    return torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype is not None)
-
-
 def to_device(images, masks, args):
     """Images as one batch tensor; masks as a batch tensor, or a list when val images differ in size."""
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -322,7 +310,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
                disable=rank != 0, dynamic_ncols=True)
     for step, (images, masks) in enumerate(bar, start=start_step):
         images, masks = to_device(images, masks, args)
-        with autocast(args):
+        with utils.autocast(args.device, args.amp):
             loss = criterion(model(images), masks)
         if not finite_everywhere(loss):
             where = " (here or on another process)" if dist.is_initialized() else ""
@@ -365,7 +353,7 @@ def evaluate(model, loader, criterion, num_classes, args, rank=0, panels=None):
     loss_sum = torch.zeros(2, device=args.device, dtype=torch.float64)
     for images, masks in tqdm(loader, desc="val", disable=rank != 0, dynamic_ncols=True, leave=False):
         images, masks = to_device(images, masks, args)
-        with autocast(args):
+        with utils.autocast(args.device, args.amp):
             logits = model(images)
         for images, logits, masks in same_size_groups(images, logits.float(), masks):
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
@@ -507,8 +495,7 @@ def panel(image, mask, pred, num_classes, mean, std):
     rgb = (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
     rgb = np.asarray(F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), size=mask.shape,
                                    mode="bilinear")[0].permute(1, 2, 0).byte())
-    mask, pred = mask.numpy().astype(np.uint8), pred.numpy().astype(np.uint8)
-    return np.concatenate([rgb, utils.overlay(rgb, mask, num_classes), utils.overlay(rgb, pred, num_classes)], axis=1)
+    return utils.overlay_panel(rgb, [mask.numpy().astype(np.uint8), pred.numpy().astype(np.uint8)], num_classes)
 
 
 # ---------------------------------------------------------------- main
@@ -577,11 +564,11 @@ def output_refusal(args):
     """Why this run may not start in args.output, or None."""
     if args.resume and args.overwrite:
         return "--resume continues the run in --output and --overwrite deletes it: pass one of them"
-    held = [name for name in ("last.pt", "best.pt") if os.path.isfile(os.path.join(args.output, name))]
+    held = [name for name in (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT) if os.path.isfile(os.path.join(args.output, name))]
     if held and not args.resume and not args.overwrite:
         return (f"the run folder {args.output} already holds a run ({', '.join(held)}), so nothing was started. "
                 f"Continue it with --resume, replace it with --overwrite, or pass another --output")
-    if args.resume == "auto" and "last.pt" not in held:
+    if args.resume == "auto" and utils.LAST_CHECKPOINT not in held:
         return f"--resume: {args.output} holds no last.pt to continue; drop --resume to start a new run there"
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         return f"--resume {args.resume}: no such checkpoint; pass a last.pt path, or --resume alone for {args.output}"
@@ -597,8 +584,8 @@ def main(args):
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not args.deterministic
-    if args.data_root == data.DEFAULT_DATA_ROOT and local_rank == 0:  # one build per node: nodes may not share disks
-        data.ensure_demo(args.data_root)
+    if local_rank == 0:  # one demo build per node: nodes may not share disks
+        data.prepare_data_root(args.data_root)
     if world_size > 1:
         dist.barrier()
     check_jsons(args)
@@ -613,7 +600,7 @@ def main(args):
     optimizer = state["optimizer"]
     start_epoch, start_step = 0, 0
     if args.resume:
-        path = os.path.join(args.output, "last.pt") if args.resume == "auto" else args.resume
+        path = os.path.join(args.output, utils.LAST_CHECKPOINT) if args.resume == "auto" else args.resume
         checkpoint = utils.load_checkpoint(path, required_keys=RESUME_KEYS)
         start_epoch, start_step = restore(state, checkpoint, class_names, args, source=path)
         if rank == 0:
@@ -642,7 +629,7 @@ def main(args):
             writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], state["global_step"])
         if args.save_every_steps and state["global_step"] % args.save_every_steps == 0 \
                 and step % args.accum_steps == 0 and step < batches_per_epoch:
-            save("last.pt", epoch, step)
+            save(utils.LAST_CHECKPOINT, epoch, step)
 
     if args.preflight:
         preflight(state["model"], train_mix, val_set, state["criterion"], len(class_names), args, rank, world_size)
@@ -661,10 +648,10 @@ def main(args):
                     utils.atomic_write_json(history_path, history)
                 if scores["miou"] > state["best_miou"]:
                     state["best_miou"] = scores["miou"]
-                    save("best.pt", epoch + 1, 0)
-            save("last.pt", epoch + 1, 0)
+                    save(utils.BEST_CHECKPOINT, epoch + 1, 0)
+            save(utils.LAST_CHECKPOINT, epoch + 1, 0)
     except NonFiniteTraining as err:
-        last = os.path.join(args.output, "last.pt")
+        last = os.path.join(args.output, utils.LAST_CHECKPOINT)
         kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"
         raise SystemExit(f"stopped: {err}; {kept}. Try a lower --lr, --clip-grad or --amp off.")
     finally:

@@ -1,7 +1,9 @@
-"""Metric, seeding, atomic writes, checkpoints, palette and the submission CSV.
+"""Metric, seeding, atomic writes, checkpoints, device and precision flags, palette, text tables
+and the submission CSV.
 
 This module imports nothing of the toolkit's own, so every other file may use it.
 """
+import argparse
 import contextlib
 import json
 import os
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of encoders whose weights say nothing else
+IMAGENET_STD = (0.229, 0.224, 0.225)
 SUBMISSION_SIZE = 256
 SUBMISSION_HEADER = "image_id,PredictionString"
 _UMASK = os.umask(0o022)
@@ -203,14 +207,34 @@ def scores_from_confusion(hist):
 
 
 def format_iou_table(class_names, scores):
-    """Per-class IoU table, one class a line, NaN shown as '-' (class absent)."""
-    width = max(len(name) for name in class_names)
-    lines = [f"{'class':<{width}}  IoU"]
-    for name, value in zip(class_names, scores["iou"]):
-        lines.append(f"{name:<{width}}  {'-' if np.isnan(value) else f'{value:.4f}'}")
-    lines.append(f"{'mIoU':<{width}}  {scores['miou']:.4f}   pixel acc {scores['acc']:.4f}   "
-                 f"class acc {scores['acc_cls']:.4f}   fwIoU {scores['fwiou']:.4f}")
-    return "\n".join(lines)
+    """Per-class IoU table, one class a line, NaN shown as '-' (class absent), then the summary scores."""
+    width = max(len(name) for name in [*class_names, "mIoU"])
+    return (format_class_table(class_names, [("IoU", scores["iou"])]) + "\n"
+            + f"{'mIoU':<{width}}  {scores['miou']:.4f}   pixel acc {scores['acc']:.4f}   "
+              f"class acc {scores['acc_cls']:.4f}   fwIoU {scores['fwiou']:.4f}")
+
+
+def format_class_table(names, columns, first="class"):
+    """A text table, one line per name: `columns` are (header, values) pairs, one value per name.
+
+    Values are strings, integers, or floats shown with 4 decimals (NaN and None as '-'); columns are
+    right-aligned, names left-aligned under the header `first`.
+    """
+    cells = [[_table_cell(value) for value in values] for _, values in columns]
+    widths = [max(len(header), *(len(cell) for cell in column)) for (header, _), column in zip(columns, cells)]
+    width = max(len(name) for name in [*names, first])
+    rows = [(first, [header for header, _ in columns])]
+    rows += [(name, [column[i] for column in cells]) for i, name in enumerate(names)]
+    return "\n".join(f"{name:<{width}}" + "".join(f"  {cell:>{w}}" for cell, w in zip(row, widths))
+                     for name, row in rows)
+
+
+def _table_cell(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return str(value)
+    return "-" if value is None or np.isnan(value) else f"{value:.4f}"
 
 
 # ---------------------------------------------------------------- seeding
@@ -232,6 +256,8 @@ def seed_worker(worker_id):
 
 
 # ---------------------------------------------------------------- checkpoints
+LAST_CHECKPOINT = "last.pt"  # a run folder's latest state, to resume from
+BEST_CHECKPOINT = "best.pt"  # its best validation, to predict with
 # what a train.py checkpoint holds to rebuild its model anywhere (inference reads nothing else)
 MODEL_KEYS = ("model", "encoder", "model_kwargs", "num_classes", "class_names", "image_size", "mean", "std",
               "state_dict")
@@ -268,6 +294,31 @@ def _refusal_reason(err):
     return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
 
 
+# ---------------------------------------------------------------- command-line flags, device and mixed precision
+def positive_int(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_device_args(parser, amp_help="mixed precision"):
+    """--device (default: cuda when there is one) and, unless amp_help is None, --amp."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if amp_help is not None:
+        parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help=amp_help)
+
+
+def autocast(device, amp):
+    """The autocast context --amp asks for on `device` ("off": a context that changes nothing)."""
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
 # ---------------------------------------------------------------- palette
 _BASE_PALETTE = [
     (0, 0, 0), (192, 0, 128), (0, 128, 192), (0, 128, 64), (128, 0, 0), (64, 0, 128),
@@ -295,9 +346,15 @@ def colorize(mask, num_classes):
 
 
 def overlay(image_rgb, mask, num_classes, alpha=0.5):
+    """The label colours blended into the image; background pixels (0) keep the image's own."""
     colour = colorize(mask, num_classes)
     blended = image_rgb.astype(np.float32) * (1 - alpha) + colour.astype(np.float32) * alpha
     return np.where((mask == 0)[..., None], image_rgb, blended.astype(np.uint8))
+
+
+def overlay_panel(image_rgb, masks, num_classes):
+    """The image | one overlay per label map (ground truth, prediction, ...), side by side; RGB uint8."""
+    return np.concatenate([image_rgb] + [overlay(image_rgb, mask, num_classes) for mask in masks], axis=1)
 
 
 # ---------------------------------------------------------------- submission CSV

@@ -8,7 +8,7 @@ Both sides get the same timm encoder (random init), decoder settings, input, los
 Timed iterations alternate between the two models (and which one goes first), so load from other
 processes hits both alike. Speeds are from the best (least disturbed) of the timed calls; the
 last column is the ratio of the medians. Inference uses torch.inference_mode();
-ours goes through model.prepare_for_inference (conv+BN fusion, channels_last), the reference is
+ours goes through ensemble.prepare_for_inference (conv+BN fusion, channels_last), the reference is
 used as is. Peak memory is the most CPU memory allocated by tensors above the state before the
 step (weights and inputs excluded), from the profiler's memory events. UperNet runs without
 its auxiliary FCN head (aux_weight=0), which smp's UPerNet does not have, and with 512 decoder
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ensemble as ensembles  # noqa: E402
 import model as ours  # noqa: E402
 
 
@@ -130,7 +131,7 @@ def main():
             if mode == "train":
                 steps = {"ref": train_step(ref, images, masks), "ours": train_step(mine, images, masks)}
             else:
-                fast = ours.prepare_for_inference(copy.deepcopy(mine))
+                fast = ensembles.prepare_for_inference(copy.deepcopy(mine))
                 steps = {"ref": inference_step(ref, images), "ours": inference_step(fast, images)}
             times = time_steps(steps, args.warmup, args.iters)
             memory = {key: peak_memory_mib(step) for key, step in steps.items()}

@@ -4,7 +4,7 @@
     python benchmarks/bench_onnx.py --size 64 --iters 2 --models unetpp:test_efficientnet   # smoke run
 
 Both sides run the same exported module (random init): uint8 images in, softmax probabilities
-out, normalisation inside. PyTorch runs it after model.prepare_for_inference (conv+BN fusion,
+out, normalisation inside. PyTorch runs it after ensemble.prepare_for_inference (conv+BN fusion,
 channels_last) under inference_mode; onnxruntime runs export.py's ONNX graph of it. Both use
 --threads threads. Timed calls alternate between the two (and which goes first), so load from
 other processes hits both alike; speeds are from the best call, the ratio from the medians.
@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ensemble as ensembles  # noqa: E402
 import export  # noqa: E402
 import model as models  # noqa: E402
-from dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from utils import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def get_args_parser():
@@ -44,7 +45,7 @@ def timed(step):
 
 def bench(name, encoder, args):
     torch.manual_seed(0)
-    net = models.prepare_for_inference(models.create_model(name, encoder, args.num_classes))
+    net = ensembles.prepare_for_inference(models.create_model(name, encoder, args.num_classes))
     module = export.ExportedModel(net, IMAGENET_MEAN, IMAGENET_STD).eval()
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads

@@ -3,7 +3,7 @@
     python benchmarks/bench_predict.py                                   # full run (GPU if present)
     python benchmarks/bench_predict.py --size 64 --photo 400x300 --tile 64 --rounds 1 --images 6   # smoke
 
-1. Same-size speed: the demo test set (all one size) predicted by this tree's inference.predict and
+1. Same-size speed: the demo test set (all one size) predicted by this tree's ensemble.predict and
    by the one at git revision --old (default: main), loaded side by side from `git show` into a
    temporary folder, in alternating rounds; prints images/s of each and the ratio new/old.
 2. Huge photos: peak memory of predicting one WxH photo (--photo, default 4000x3000) with
@@ -32,10 +32,10 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
 import dataset as data  # noqa: E402
-import inference  # noqa: E402
+import ensemble as ensembles  # noqa: E402
 import model as models  # noqa: E402
 
-OLD_MODULES = ("utils", "model", "dataset", "inference")  # in import order
+OLD_MODULES = ("utils", "model", "dataset", "ensemble", "inference")  # in import order; ensemble.py is newer
 
 
 def get_args_parser():
@@ -67,16 +67,17 @@ def random_checkpoint(args):
 
 # ---------------------------------------------------------------- same-size speed, old vs new
 def load_old_modules(revision, folder):
-    """This repository's modules at `revision`, imported under their own names into a dict."""
+    """This repository's modules at `revision` (those it has), imported under their own names into a dict."""
     saved = {name: sys.modules.get(name) for name in OLD_MODULES}
-    old = {}
+    old, present = {}, []
     try:
         for name in OLD_MODULES:
-            source = subprocess.run(["git", "show", f"{revision}:{name}.py"], cwd=REPO, check=True,
-                                    capture_output=True, text=True).stdout
-            with open(os.path.join(folder, f"{name}.py"), "w") as f:
-                f.write(source)
-        for name in OLD_MODULES:  # each old module sees the old modules it imports
+            shown = subprocess.run(["git", "show", f"{revision}:{name}.py"], cwd=REPO, capture_output=True, text=True)
+            if shown.returncode == 0:
+                present.append(name)
+                with open(os.path.join(folder, f"{name}.py"), "w") as f:
+                    f.write(shown.stdout)
+        for name in present:  # each old module sees the old modules it imports
             spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
@@ -93,7 +94,7 @@ def load_old_modules(revision, folder):
 
 def prediction_pass(modules, ensemble, root, args, collate_fn):
     """Seconds to predict the demo test images and bring each mask to the CPU, as inference.main does."""
-    inf, dset = modules["inference"], modules["dataset"]
+    inf, dset = predictor(modules), modules["dataset"]
     dataset = dset.SegmentationDataset(root, "test.json", "test", transform=inf.unit_range_transform())
     dataset.images = dataset.images[:args.images]
     kwargs = {"collate_fn": collate_fn} if collate_fn else {}
@@ -106,6 +107,11 @@ def prediction_pass(modules, ensemble, root, args, collate_fn):
     return time.perf_counter() - start
 
 
+def predictor(modules):
+    """The module holding Member, Ensemble and predict: ensemble.py, or inference.py in older trees."""
+    return modules.get("ensemble") or modules["inference"]
+
+
 def synchronize(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -115,18 +121,16 @@ def same_size_speed(args, checkpoint, tmp):
     root = os.path.join(tmp, "demo")
     data.ensure_demo(root, size=args.size, n_train=1, n_val=1, n_test=args.images)
     old = load_old_modules(args.old, tmp)
-    new = {"inference": inference, "dataset": data}
-    ensembles = {
-        "old": old["inference"].Ensemble([old["inference"].Member(checkpoint)]).to(args.device).eval(),
-        "new": inference.Ensemble([inference.Member(checkpoint)]).to(args.device).eval(),
-    }
+    new = {"ensemble": ensembles, "dataset": data}
+    trees = {name: predictor(modules).Ensemble([predictor(modules).Member(checkpoint)]).to(args.device).eval()
+             for name, modules in (("old", old), ("new", new))}
     runs = {"old": (old, None), "new": (new, data.collate_mixed)}
     for name in runs:  # warm-up: cudnn autotuning, worker start-up, file cache
-        prediction_pass(*runs[name][:1], ensembles[name], root, args, runs[name][1])
+        prediction_pass(*runs[name][:1], trees[name], root, args, runs[name][1])
     times = {"old": [], "new": []}
     for _ in range(args.rounds):
         for name in ("old", "new"):
-            times[name].append(prediction_pass(runs[name][0], ensembles[name], root, args, runs[name][1]))
+            times[name].append(prediction_pass(runs[name][0], trees[name], root, args, runs[name][1]))
     rate = {name: args.images / statistics.median(t) for name, t in times.items()}
     print(f"same-size prediction, {args.images} demo photos {args.size}x{args.size}, {args.model}/{args.encoder}, "
           f"batch {args.batch_size}, {args.device}, median of {args.rounds} alternating rounds")
@@ -171,21 +175,21 @@ class ResidentPeak:
 
 def memory_case(args):
     """Child process: predict one photo with --tile; print peak memory and seconds as JSON."""
-    ensemble = inference.Ensemble([inference.Member(random_checkpoint(args))],
-                                  tiling=inference.Tiling(args.tile, 1 / 3, args.batch_size, args.device))
+    ensemble = ensembles.Ensemble([ensembles.Member(random_checkpoint(args))],
+                                  tiling=ensembles.Tiling(args.tile, 1 / 3, args.batch_size, args.device))
     ensemble = ensemble.to(args.device).eval()
-    dataset = data.ImageFolderDataset([args.memory_case], inference.unit_range_transform())
+    dataset = data.ImageFolderDataset([args.memory_case], ensembles.unit_range_transform())
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=data.collate_mixed)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     with ResidentPeak() as resident:
-        for _ in inference.predict(ensemble, loader, args.device):  # warm-up (cudnn autotuning); its peak counts
+        for _ in ensembles.predict(ensemble, loader, args.device):  # warm-up (cudnn autotuning); its peak counts
             pass
         synchronize(args.device)
         start = time.perf_counter()
-        for _, prob in inference.predict(ensemble, loader, args.device):
+        for _, prob in ensembles.predict(ensemble, loader, args.device):
             prob.argmax(0).byte().cpu()
         synchronize(args.device)
         seconds = time.perf_counter() - start

@@ -180,8 +180,7 @@ def verdict(loader_one_worker, model_alone):
 
 def main(args):
     torch.manual_seed(args.seed)
-    if args.data_root == data.DEFAULT_DATA_ROOT:
-        data.ensure_demo(args.data_root)
+    data.prepare_data_root(args.data_root)
     mean, std = models.encoder_normalization(models.resolve_encoder(args.encoder))
     train_set, train_mix, val_set = train.build_datasets(args, mean, std)
     num_classes = len(train_set.class_names)

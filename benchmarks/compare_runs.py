@@ -17,6 +17,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import dataset as data  # noqa: E402
+import utils  # noqa: E402
 from report import as_number, write_run_comparison  # noqa: E402
 
 
@@ -35,17 +37,21 @@ def pick_record(history, best):
     return max(history, key=lambda r: as_number(r["miou"])) if best else history[-1]
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--best", action="store_true", help="each run's best validation instead of its last")
     parser.add_argument("--report", default=None, metavar="DIR", help="also write charts and index.html here")
-    args = parser.parse_args()
+    return parser
+
+
+def compare(args):
     histories = [read_history(run) for run in args.runs]
     records = [pick_record(history, args.best) for history in histories]
-    names = list(records[0]["iou"])
-    if any(list(r["iou"]) != names for r in records):
-        raise SystemExit("the runs do not share one class list")
+    names, first = list(records[0]["iou"]), os.path.join(args.runs[0], "metrics.json")
+    for run, record in zip(args.runs, records):
+        data.check_same_classes(os.path.join(run, "metrics.json"), record["iou"], first, names,
+                                fix="compare runs trained on the same classes")
     rows = names + ["mIoU"]
     table = np.array([[as_number(r["iou"][n]) for n in names] + [r["miou"]] for r in records]).T
     labels = run_labels(args.runs)
@@ -53,13 +59,15 @@ def main():
     if len(records) > 1:
         headers.append("mean")
         table = np.concatenate([table, np.nanmean(table, axis=1, keepdims=True)], axis=1)
-    width = max(len(n) for n in rows)
-    print(f"{'run':<{width}}  " + "  ".join(f"{h:>12}" for h in headers))
-    print(f"{'epoch':<{width}}  " + "  ".join(f"{r['epoch']:>12}" for r in records))
-    for name, values in zip(rows, table):
-        print(f"{name:<{width}}  " + "  ".join(f"{'-':>12}" if np.isnan(v) else f"{v:>12.4f}" for v in values))
+    epochs = [r["epoch"] for r in records] + ([""] if len(records) > 1 else [])
+    columns = [(header, [epoch, *values]) for header, epoch, values in zip(headers, epochs, table.T)]
+    print(utils.format_class_table(["epoch"] + rows, columns, first="run"))
     if args.report:
         print("wrote " + write_run_comparison(args.report, dict(zip(labels, histories)), dict(zip(labels, records))))
+
+
+def main(argv=None):
+    utils.run_main(compare, get_args_parser(), argv)
 
 
 def run_labels(runs):

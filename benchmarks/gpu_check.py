@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import demo  # noqa: E402
 import train  # noqa: E402
+import utils  # noqa: E402
 from bench_throughput import train_images_per_second  # noqa: E402
 
 NUM_CLASSES = len(demo.CATEGORY_NAMES) + 1  # the competition's classes and background
@@ -115,7 +116,7 @@ def ddp_smoke(device):
             "--model", "unet", "--encoder", "test_resnet", "--size", "64", "--epochs", "2", "--batch-size", "2",
             "--workers", "1", "--device", device, *(cuda_flags if device == "cuda" else [])],
             capture_output=True, text=True)
-        passed = result.returncode == 0 and os.path.isfile(os.path.join(run, "last.pt"))
+        passed = result.returncode == 0 and os.path.isfile(os.path.join(run, utils.LAST_CHECKPOINT))
         return passed, result.stdout + result.stderr
 
 

@@ -98,7 +98,7 @@ def constant_checkpoint(tiny_run):
     `args` replace entries of the checkpoint's saved training arguments (e.g. fold=1).
     """
     def write(path, label, **args):
-        checkpoint = utils.load_checkpoint(tiny_run / "best.pt")
+        checkpoint = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
         weights = checkpoint["state_dict"]
         weights["head.weight"] = torch.zeros_like(weights["head.weight"])
         num_classes = len(weights["head.bias"])

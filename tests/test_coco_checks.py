@@ -255,7 +255,7 @@ def test_inference_refuses_a_json_with_other_classes_in_the_same_words(demo_root
     coco = demo_json(demo_root, "val.json")
     coco["categories"][0]["name"] = "Rubbish"
     path = write_json(tmp_path / "val.json", coco)
-    argv = ["--checkpoints", str(run_folder / "run" / "best.pt"), "--data-root", str(demo_root), "--json", path,
+    argv = ["--checkpoints", str(run_folder / "run" / utils.BEST_CHECKPOINT), "--data-root", str(demo_root), "--json", path,
             "--output", str(tmp_path / "out.csv"), "--workers", "0", "--device", "cpu"]
     message = refusal(capsys, inference.main, inference.get_args_parser(), argv)
     renamed = ["Background", "Rubbish"] + NAMES[2:]

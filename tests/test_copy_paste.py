@@ -82,7 +82,7 @@ def test_bank_is_cached_and_comes_only_from_its_images(scene, tmp_path):
 
 
 def test_default_classes_are_the_rarest_present(scene):
-    assert cp.rarest_classes(scene, 1) == ["Battery"]  # Clothing has no annotation at all
+    assert data.rarest_classes(scene, 1) == ["Battery"]  # Clothing has no annotation at all
 
 
 def test_bank_of_zero_objects_is_a_clear_error(scene, tmp_path):

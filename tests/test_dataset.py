@@ -12,8 +12,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 import dataset
-from dataset import (IMAGENET_MEAN, IMAGENET_STD, Coco, LutNormalize, MaskCache, SegmentationDataset, build_mask,
-                     build_transform, decode_annotation, fold_image_ids, kfold_splits)
+from dataset import (Coco, LutNormalize, MaskCache, SegmentationDataset, build_mask, build_transform,
+                     decode_annotation, fold_image_ids, kfold_splits)
+from utils import IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 32, 32
 CATEGORIES = [{"id": 1, "name": "paper"}, {"id": 2, "name": "plastic"}]
@@ -201,6 +202,7 @@ def test_each_annotation_decodes_like_pycocotools(tmp_path):
 def test_full_mask_matches_a_pycocotools_painter(tmp_path, paint_order):
     json_path = mixed_coco(tmp_path)
     ds = open_dataset(tmp_path, json_path, paint_order=paint_order)
+    assert ds.paint_order == paint_order  # what copy-paste cuts objects out by
     for index, image in enumerate(ds.images):
         expected = reference_mask(json_path, image["id"], paint_order)
         assert len(np.unique(expected)) == 3  # every image shows both classes and background

@@ -1,3 +1,4 @@
+import argparse
 import collections
 import json
 import os
@@ -8,6 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 import demo
+import utils
 
 SEED = 3
 SMALL = dict(size=128, n_train=6, n_val=3, n_test=3)
@@ -150,3 +152,24 @@ def test_class_frequencies_follow_the_real_imbalance(full_count_root):
     for rare in (demo.BATTERY, demo.CLOTHING):
         assert len({a["image_id"] for a in val if a["category_id"] == rare}) >= 4
         assert any(a["category_id"] == rare for a in _load(full_count_root, "train")["annotations"])
+
+
+def test_command_line_and_its_dataset_alias_write_the_same_set(tmp_path, capsys):
+    import dataset
+
+    flags = ["--seed", str(SEED), "--size", "48", "--sizes", "48x48,64x40", "--n-train", "2", "--n-val", "1",
+             "--n-test", "1"]
+    utils.run_main(demo.main, demo.get_args_parser(), ["--root", str(tmp_path / "cli"), *flags])
+    utils.run_main(dataset.main, dataset.get_args_parser(), ["make-demo", "--root", str(tmp_path / "alias"), *flags])
+    written = _file_bytes(tmp_path / "cli")
+    assert written == _file_bytes(tmp_path / "alias")
+    assert written == _file_bytes(demo.make_demo(tmp_path / "api", seed=SEED, size=48, sizes=[(48, 48), (64, 40)],
+                                                 n_train=2, n_val=1, n_test=1))
+    assert {(im["width"], im["height"]) for im in _load(tmp_path / "cli", "train_all")["images"]} == {(48, 48), (64, 40)}
+    assert "demo dataset written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["", "48", "48x", "0x10", "axb", "48x48,"])
+def test_sizes_flag_refuses_malformed_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        demo.parse_sizes(text)

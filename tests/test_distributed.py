@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dataset as data
 import loss as losses
 import model as models
 import train
@@ -210,7 +209,7 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     assert len(os.listdir(os.path.join(run, "tb"))) == 2  # one event file per run, both from rank 0
     assert printed.count("done in") == 2
     assert "at epoch 1, step 0" in printed  # the second run resumed where the first stopped
-    checkpoint = utils.load_checkpoint(os.path.join(run, "last.pt"))
+    checkpoint = utils.load_checkpoint(os.path.join(run, utils.LAST_CHECKPOINT))
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
 
 
@@ -227,7 +226,7 @@ def test_plain_python_runs_single_process(tiny_demo, tiny_train_argv, tmp_path):
     env["OMP_NUM_THREADS"] = "1"  # as the ranks above: threads fighting over a busy CPU slow the steps severalfold
     run = str(tmp_path / "run")
     result = subprocess.run([sys.executable, "train.py", *tiny_train_argv(tiny_demo, "--epochs", 1, "--output", run)],
-                            cwd=data.HERE, env=env,
+                            cwd=os.path.dirname(os.path.abspath(train.__file__)), env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done in" in result.stdout

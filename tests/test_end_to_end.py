@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dataset as data
+import ensemble as ensembles
 import inference
 import utils
 
@@ -27,7 +28,7 @@ def predict_args(root, run, *extra):
 @pytest.mark.slow
 def test_resume_continues_to_the_second_epoch(trained):
     _, run = trained
-    checkpoint = utils.load_checkpoint(run / "last.pt")
+    checkpoint = utils.load_checkpoint(run / utils.LAST_CHECKPOINT)
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]) == (2, 0, 8)
     history = json.loads((run / "metrics.json").read_text())
     assert [record["epoch"] for record in history] == [0, 1]
@@ -51,7 +52,7 @@ def test_tta_changes_the_probabilities(trained):
     root, run = trained
     probabilities = []
     for tta in ([], ["--tta"]):
-        ensemble, _ = inference.load_ensemble([str(run)], "cpu", inference.build_tta(predict_args(root, run, *tta)))
+        ensemble, _ = ensembles.load_ensemble([str(run)], "cpu", ensembles.build_tta(predict_args(root, run, *tta)))
         image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             probabilities.append(ensemble(image))

@@ -8,6 +8,7 @@ import torch
 
 import dataset as data
 import demo
+import ensemble as ensembles
 import export
 import inference
 import model as models
@@ -22,7 +23,7 @@ def write_checkpoint(path, class_names, name="deeplabv3p", encoder=ENCODER, size
     net = models.create_model(name, encoder, len(class_names))
     utils.save_checkpoint({"model": name, "encoder": encoder, "model_kwargs": {}, "num_classes": len(class_names),
                            "class_names": list(class_names), "image_size": size,
-                           "mean": list(data.IMAGENET_MEAN), "std": list(data.IMAGENET_STD),
+                           "mean": list(utils.IMAGENET_MEAN), "std": list(utils.IMAGENET_STD),
                            "args": {"paint_order": "area"}, "state_dict": net.state_dict()}, path)
     return path
 
@@ -44,7 +45,7 @@ def class_names(demo_root):
 def exported(demo_root, class_names, tmp_path_factory):
     """(checkpoint, its ONNX export at the training size)."""
     folder = tmp_path_factory.mktemp("exported")
-    checkpoint = write_checkpoint(folder / "best.pt", class_names)
+    checkpoint = write_checkpoint(folder / utils.BEST_CHECKPOINT, class_names)
     onnx_path = folder / "model.onnx"
     export.main(export_args(checkpoint, onnx_path, demo_root))
     return checkpoint, onnx_path
@@ -58,7 +59,7 @@ def export_args(checkpoint, output, root, *extra):
 @pytest.mark.parametrize("size,output", [(64, "probabilities"), (72, "labels")])
 @pytest.mark.parametrize("name", models.list_models())
 def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, class_names, tmp_path):
-    checkpoint = write_checkpoint(tmp_path / "best.pt", class_names, name)
+    checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names, name)
     labels = output == "labels"
     result = export.main(export_args(checkpoint, tmp_path / "m.onnx", demo_root, "--size", str(size),
                                      *(["--labels"] if labels else [])))
@@ -69,7 +70,7 @@ def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, 
     got = session.run(None, {"images": images.numpy()})[0]
     saved = utils.load_checkpoint(checkpoint)
     with torch.inference_mode():
-        expected = inference.NormalisedSoftmax(export.load_net(saved), saved["mean"], saved["std"])(images / 255.0)
+        expected = ensembles.NormalisedSoftmax(export.load_net(saved), saved["mean"], saved["std"])(images / 255.0)
     if labels:
         assert got.shape == (3, size, size) and got.dtype == np.uint8
         assert (got == expected.argmax(1).numpy()).mean() >= 0.999
@@ -84,7 +85,7 @@ def test_metadata_describe_the_model(exported, class_names):
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["images"]
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    described = inference.open_onnx(str(onnx_path))
+    described = ensembles.open_onnx(str(onnx_path))
     saved = utils.load_checkpoint(checkpoint)
     assert described["class_names"] == class_names
     assert described["palette"] == utils.class_palette(len(class_names)).tolist()
@@ -95,11 +96,11 @@ def test_metadata_describe_the_model(exported, class_names):
 
 
 def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_names, tmp_path, monkeypatch):
-    checkpoint = write_checkpoint(tmp_path / "best.pt", class_names)
+    checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names)
     output = tmp_path / "model.onnx"
     output.write_bytes(b"the previous export")
 
-    prepare = models.prepare_for_inference
+    prepare = ensembles.prepare_for_inference
 
     def perturbed(net):  # what a wrong BatchNorm folding would do: weights that are not the checkpoint's
         net = prepare(net)
@@ -108,7 +109,7 @@ def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_n
                 p.mul_(1.5)
         return net
 
-    monkeypatch.setattr(export.models, "prepare_for_inference", perturbed)
+    monkeypatch.setattr(export.ensembles, "prepare_for_inference", perturbed)
     with pytest.raises(utils.UserError, match=r"refusing to write .*model.onnx: .*differ by up to"):
         export.main(export_args(checkpoint, output, demo_root))
     assert output.read_bytes() == b"the previous export"
@@ -138,8 +139,8 @@ def test_onnx_submission_equals_pytorch(exported, demo_root, tmp_path, members, 
 def test_onnx_member_resizes_like_the_checkpoint(exported):
     """Images of another size: the same probabilities up to the uint8 rounding of the resized input."""
     checkpoint, onnx_path = exported
-    torch_member, _ = inference.load_ensemble([str(checkpoint)], "cpu")
-    onnx_member, _ = inference.load_ensemble([str(onnx_path)], "cpu")
+    torch_member, _ = ensembles.load_ensemble([str(checkpoint)], "cpu")
+    onnx_member, _ = ensembles.load_ensemble([str(onnx_path)], "cpu")
     images = torch.randint(0, 256, (2, 3, 80, 96), generator=torch.Generator().manual_seed(2)) / 255.0
     with torch.inference_mode():
         expected, got = torch_member(images), onnx_member(images)
@@ -151,7 +152,7 @@ def test_scale_tta_on_a_fixed_size_onnx_is_a_clear_error(exported):
     _, onnx_path = exported
     args = inference.get_args_parser().parse_args(["--tta", "--tta-scales", "0.5", "1.0"])
     with pytest.raises(utils.UserError, match="--tta-scales"):
-        inference.load_ensemble([str(onnx_path)], "cpu", inference.build_tta(args))
+        ensembles.load_ensemble([str(onnx_path)], "cpu", ensembles.build_tta(args))
 
 
 def test_a_foreign_onnx_file_is_a_clear_error(tmp_path):
@@ -160,7 +161,7 @@ def test_a_foreign_onnx_file_is_a_clear_error(tmp_path):
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
     onnx.save(onnx.helper.make_model(graph), tmp_path / "other.onnx")
     with pytest.raises(utils.UserError, match="not written by export.py"):
-        inference.load_ensemble([str(tmp_path / "other.onnx")], "cpu")
+        ensembles.load_ensemble([str(tmp_path / "other.onnx")], "cpu")
     (tmp_path / "cut.onnx").write_bytes(b"\x08\x07garbage")
     with pytest.raises(utils.UserError, match="cannot be loaded by onnxruntime"):
-        inference.load_ensemble([str(tmp_path / "cut.onnx")], "cpu")
+        ensembles.load_ensemble([str(tmp_path / "cut.onnx")], "cpu")

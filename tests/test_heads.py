@@ -8,6 +8,7 @@ import torch.nn as nn
 from timm.models.swin_transformer import _create_swin_transformer
 
 import demo
+import ensemble as ensembles
 import inference
 import loss
 import model
@@ -217,14 +218,14 @@ def test_hard_vote_with_known_member_outputs():
         [[0.05, 0.05, 0.90], [0.05, 0.45, 0.50], [0.3, 0.1, 0.6]],
     ]
     probs = [torch.tensor(m).T.reshape(1, 3, 1, 3) for m in members]
-    hard = inference.Ensemble([Fixed(p) for p in probs], vote="hard")(None)
-    soft = inference.Ensemble([Fixed(p) for p in probs])(None)
+    hard = ensembles.Ensemble([Fixed(p) for p in probs], vote="hard")(None)
+    soft = ensembles.Ensemble([Fixed(p) for p in probs])(None)
     assert hard.argmax(1).flatten().tolist() == [0, 1, 2]
     assert soft.argmax(1).flatten().tolist() == [2, 1, 2]
     torch.testing.assert_close(hard.sum(1), torch.ones(1, 1, 3))  # still a distribution
     torch.testing.assert_close(hard[0, :, 0, 2], (torch.tensor([0.0, 0.0, 3.0]) + soft[0, :, 0, 2]) / 4)
     with pytest.raises(ValueError, match="unknown vote"):
-        inference.Ensemble([], vote="max")
+        ensembles.Ensemble([], vote="max")
 
 
 def checkpoint(name, encoder, size, seed, **kwargs):
@@ -240,18 +241,18 @@ def test_checkpoint_round_trip_into_a_fused_member(name):
     saved = checkpoint(name, "test_convnext", 64, seed=0)
     net = build(name, num_classes=4, seed=1)
     net.load_state_dict(saved["state_dict"])
-    member = inference.Member(saved)  # rebuilt from model_kwargs, BatchNorm folded into the convs
+    member = ensembles.Member(saved)  # rebuilt from model_kwargs, BatchNorm folded into the convs
     assert not any(isinstance(m, nn.BatchNorm2d) for m in member.modules())
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(member(x), net.eval()((x - 0.5) / 0.25).softmax(1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("vote", inference.VOTES)
+@pytest.mark.parametrize("vote", ensembles.VOTES)
 def test_ensemble_of_a_unet_and_an_upernet_at_different_sizes(vote):
     checkpoints = [checkpoint("upernet", "test_convnext", 96, 0),
                    checkpoint("unet", "test_resnet", 64, 1, decoder_channels=[32, 16, 16, 8, 8])]
-    ensemble, names = inference.build_ensemble(["a.pt", "b.pt"], checkpoints, "cpu", vote=vote)
+    ensemble, names = ensembles.build_ensemble(["a.pt", "b.pt"], checkpoints, "cpu", vote=vote)
     with torch.no_grad():
         probs = ensemble(torch.rand(2, 3, 75, 50))
     assert probs.shape == (2, 4, 75, 50) and names == checkpoints[0]["class_names"]
@@ -281,9 +282,9 @@ def test_train_one_epoch_and_restore_the_model_options(demo_root, tmp_path, mode
         *model_args, "--data-root", str(demo_root), "--cache-dir", str(tmp_path / "cache"), "--output", str(output),
         "--size", "64", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--epochs", "1"])
     train.main(args)
-    saved = utils.load_checkpoint(output / "last.pt")
+    saved = utils.load_checkpoint(output / utils.LAST_CHECKPOINT)
     assert saved["model_kwargs"] == model_kwargs
-    member = inference.Member(saved)  # rebuilt from model_kwargs alone; load_state_dict is strict
+    member = ensembles.Member(saved)  # rebuilt from model_kwargs alone; load_state_dict is strict
     with torch.no_grad():
         assert member(torch.rand(1, 3, 48, 80)).shape == (1, 11, 48, 80)
     csv = tmp_path / "submission.csv"

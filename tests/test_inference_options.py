@@ -73,7 +73,7 @@ def test_oof_scores_each_fold_on_its_own_val_images(tiny_demo, constant_checkpoi
     n_folds = 3
     for fold in range(n_folds):  # fold k's run predicts class k everywhere: each column counts one fold's pixels
         os.makedirs(tmp_path / f"fold{fold}")
-        constant_checkpoint(tmp_path / f"fold{fold}" / "best.pt", label=fold, fold=fold, n_folds=n_folds,
+        constant_checkpoint(tmp_path / f"fold{fold}" / utils.BEST_CHECKPOINT, label=fold, fold=fold, n_folds=n_folds,
                             all_json="train_all.json", fold_seed=0)
     scores = run_inference("--oof", tmp_path / "fold*")
 

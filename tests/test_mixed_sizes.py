@@ -60,7 +60,7 @@ def test_preflight_fails_within_seconds_on_a_bad_val_image(mixed, tmp_path):
          "--output", str(tmp_path / "run")])
     with pytest.raises(utils.UserError, match="but the json says"):
         train.main(args)
-    assert not (tmp_path / "run" / "last.pt").exists()  # stopped before the first training step
+    assert not (tmp_path / "run" / utils.LAST_CHECKPOINT).exists()  # stopped before the first training step
 
 
 def test_eval_scores_each_image_at_its_own_size(mixed, tmp_path):
@@ -125,7 +125,7 @@ def test_pseudo_labels_and_out_of_fold_on_mixed_sizes(mixed, capsys):
          "--allow-low-keep"]))  # an untrained model is confident nowhere
     assert len(manifest["items"]) == 6 and "3 unreadable file(s) skipped" in capsys.readouterr().out
     rotated = next(item for item in manifest["items"] if item["file_name"] == "rotated.jpg")
-    assert pseudo_label.read_label_png(str(tmp / "pseudo" / rotated["mask"])).shape == (56, 40)
+    assert data.read_label_png(str(tmp / "pseudo" / rotated["mask"])).shape == (56, 40)
 
     for fold in (0, 1):
         train.main(train.get_args_parser().parse_args(

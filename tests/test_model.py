@@ -7,7 +7,9 @@ import timm
 import torch
 import torch.nn as nn
 
+import ensemble as ensembles
 import model
+import utils
 
 ENCODERS = ["test_resnet", "test_efficientnet", "test_convnext"]  # CNN x2, transformer-style (stride 4 first)
 MODELS = ["unetpp", "unet", "deeplabv3p"]
@@ -55,9 +57,9 @@ def test_aliases_resolve_to_timm_models_with_hub_weights():
 
 
 def test_encoder_normalization():
-    assert model.encoder_normalization("effb4") == (model.IMAGENET_MEAN, model.IMAGENET_STD)
+    assert model.encoder_normalization("effb4") == (utils.IMAGENET_MEAN, utils.IMAGENET_STD)
     assert model.encoder_normalization("test_resnet") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert model.encoder_normalization("not_a_model") == (model.IMAGENET_MEAN, model.IMAGENET_STD)
+    assert model.encoder_normalization("not_a_model") == (utils.IMAGENET_MEAN, utils.IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------------------------- shapes, gradients
@@ -246,7 +248,7 @@ def test_prepare_for_inference_matches_and_fuses(name):
     x = images(h=67, w=71)
     with torch.no_grad():
         expected = net(x)
-        fast = model.prepare_for_inference(copy.deepcopy(net))
+        fast = ensembles.prepare_for_inference(copy.deepcopy(net))
         torch.testing.assert_close(fast(x), expected, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
     assert (fast.num_classes, fast.in_channels) == (net.num_classes, net.in_channels)

@@ -61,19 +61,19 @@ def read_bytes(path):
 def test_a_second_run_in_a_trained_folder_stops_and_keeps_best_pt(root, tmp_path):
     output = tmp_path / "run"
     train.main(train_args(root, output))
-    best, events = read_bytes(output / "best.pt"), sorted(os.listdir(output / "tb"))
+    best, events = read_bytes(output / utils.BEST_CHECKPOINT), sorted(os.listdir(output / "tb"))
     with pytest.raises(utils.UserError) as refusal:
         train.main(train_args(root, output))
     for words in (str(output), "--resume", "--overwrite", "another --output"):
         assert words in str(refusal.value)
-    assert read_bytes(output / "best.pt") == best and sorted(os.listdir(output / "tb")) == events
+    assert read_bytes(output / utils.BEST_CHECKPOINT) == best and sorted(os.listdir(output / "tb")) == events
 
     train.main(train_args(root, output, "--epochs", "2", "--resume"))  # continuing is allowed
     assert len(os.listdir(output / "tb")) == 2
 
     train.main(train_args(root, output, "--overwrite"))  # a fresh run: the old run's files are gone
     assert len(os.listdir(output / "tb")) == 1
-    assert torch.load(output / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(output / utils.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
     assert [record["epoch"] for record in json.load(open(output / "metrics.json"))] == [0]
 
 
@@ -132,7 +132,7 @@ def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_
 
 def test_no_checkpoint_in_a_fresh_interpreter_prints_no_traceback(root, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "inference.py"), "--data-root", root,
-                             "--checkpoints", str(tmp_path / "runs" / "*" / "best.pt"), *CPU],
+                             "--checkpoints", str(tmp_path / "runs" / "*" / utils.BEST_CHECKPOINT), *CPU],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
@@ -162,11 +162,11 @@ def test_low_keep_stops_without_a_manifest_unless_allowed(root, run, tmp_path, c
     with pytest.raises(utils.UserError, match=r"only 0\.0% of the pixels reach --threshold 1\.0 \(floor 30%\); "
                                               r"--threshold 0\.\d+ would keep half") as refusal:
         pseudo_label(root, run, out, "--threshold", "1.0")
-    assert not (out / pl.MANIFEST).exists()  # train.py --pseudo cannot pick up the useless set
+    assert not (out / data.PSEUDO_MANIFEST).exists()  # train.py --pseudo cannot pick up the useless set
 
     manifest = pseudo_label(root, run, out, "--threshold", "1.0", "--allow-low-keep")
     assert "warning: only 0.0% of the pixels" in capsys.readouterr().out
-    assert (out / pl.MANIFEST).exists() and all(item["kept"] == 0 for item in manifest["items"])
+    assert (out / data.PSEUDO_MANIFEST).exists() and all(item["kept"] == 0 for item in manifest["items"])
 
     suggested = re.search(r"--threshold (0\.\d+) would keep half", str(refusal.value)).group(1)
     manifest = pseudo_label(root, run, out, "--threshold", suggested)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 import dataset as data
-import inference
+import ensemble as ensembles
 import model as models
 from utils import UserError
 
@@ -278,22 +278,22 @@ def tiny_member(image_size):
     net = models.create_model("unet", "test_resnet", 3)
     checkpoint = {"model": "unet", "encoder": "test_resnet", "model_kwargs": {}, "num_classes": 3,
                   "image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": net.state_dict()}
-    return inference.Member(checkpoint).eval()
+    return ensembles.Member(checkpoint).eval()
 
 
 def test_window_boxes_cover_the_image_with_the_last_window_on_the_border():
-    assert inference.window_boxes((64, 64), 64, 1 / 3) == [(0, 64, 0, 64)]
-    boxes = inference.window_boxes((100, 150), 64, 0.25)  # stride 48
+    assert ensembles.window_boxes((64, 64), 64, 1 / 3) == [(0, 64, 0, 64)]
+    boxes = ensembles.window_boxes((100, 150), 64, 0.25)  # stride 48
     assert sorted({(y0, y1) for y0, y1, _, _ in boxes}) == [(0, 64), (36, 100)]
     assert sorted({(x0, x1) for _, _, x0, x1 in boxes}) == [(0, 64), (48, 112), (86, 150)]
-    assert inference.window_boxes((40, 150), 64, 0.25)[0] == (0, 40, 0, 64)  # a short side is one window
+    assert ensembles.window_boxes((40, 150), 64, 0.25)[0] == (0, 40, 0, 64)  # a short side is one window
 
 
 @pytest.mark.parametrize("image_size,side", [(64, 64), (32, 80)])
 def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(image_size, side):
     member = tiny_member(image_size)
     image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(1))
-    tiling = inference.Tiling(size=side, overlap=1 / 3, batch_size=4, device="cpu")
+    tiling = ensembles.Tiling(size=side, overlap=1 / 3, batch_size=4, device="cpu")
     with torch.inference_mode():
         assert torch.equal(member.slide(image, tiling), member(image[None])[0])
 
@@ -301,11 +301,11 @@ def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(i
 def test_tiled_probabilities_average_the_overlapping_windows():
     member = tiny_member(32)
     image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(2))
-    tiling = inference.Tiling(size=32, overlap=0.5, batch_size=2, device="cpu")
+    tiling = ensembles.Tiling(size=32, overlap=0.5, batch_size=2, device="cpu")
     with torch.inference_mode():
         tiled = member.slide(image, tiling)
         total, count = torch.zeros_like(tiled), torch.zeros(40, 56)
-        for y0, y1, x0, x1 in inference.window_boxes((40, 56), 32, 0.5):
+        for y0, y1, x0, x1 in ensembles.window_boxes((40, 56), 32, 0.5):
             total[:, y0:y1, x0:x1] += member(image[None, :, y0:y1, x0:x1])[0]
             count[y0:y1, x0:x1] += 1
     assert count.min() >= 1 and count.max() > 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dataset as data
-import inference
+import ensemble as ensembles
 import pseudo_label as pl
 import utils
 
@@ -65,7 +65,7 @@ def val_set(tmp_path):
 
 
 def write_manifest(out_dir, source, items):
-    utils.atomic_write_json(os.path.join(out_dir, pl.MANIFEST), {
+    utils.atomic_write_json(os.path.join(out_dir, data.PSEUDO_MANIFEST), {
         "class_names": CLASS_NAMES, "threshold": 0.9, "checkpoints": [], "source": source,
         "items": [{"file_name": os.path.basename(image), "image_id": image_id, "image": image,
                    "mask": f"masks/{k}.png", "kept": 1.0} for k, (image_id, image) in enumerate(items)]})
@@ -79,7 +79,7 @@ def test_leak_guard_drops_val_images_by_resolved_path(tmp_path, val_set):
         (None, str(tmp_path / "link" / "2.jpg")),              # val image 2, through a symlink
         (None, os.path.join(root, "b", "1.jpg")),
     ])
-    pseudo = pl.PseudoLabelDataset(str(tmp_path), transform=None, exclude=val_set)
+    pseudo = data.PseudoLabelDataset(str(tmp_path), transform=None, exclude=val_set)
     assert [item["image"] for item in pseudo.items] == [os.path.join(root, "b", "1.jpg")]
 
 
@@ -88,17 +88,17 @@ def test_leak_guard_drops_val_ids_only_from_the_same_json(tmp_path, val_set):
     copies = [str(tmp_path / f"copy{i}.jpg") for i in range(3)]  # files elsewhere: only ids can match
     same_json = {"data_root": root, "json": val_set.coco.path, "json_hash": val_set.coco.content_hash}
     write_manifest(tmp_path, same_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
-    assert [i["image_id"] for i in pl.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [3]
+    assert [i["image_id"] for i in data.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [3]
 
     other = data.Coco(os.path.join(root, "other.json"), root)
     other_json = {"data_root": root, "json": other.path, "json_hash": other.content_hash}
     write_manifest(tmp_path, other_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
-    assert [i["image_id"] for i in pl.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [1, 2, 3]
+    assert [i["image_id"] for i in data.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [1, 2, 3]
 
 
 def test_no_exclusion_keeps_every_item(tmp_path, val_set):
     write_manifest(tmp_path, {"image_dir": val_set.coco.root}, [(None, val_set.coco.image_path(val_set.images[0]))])
-    assert len(pl.PseudoLabelDataset(str(tmp_path), None)) == 1
+    assert len(data.PseudoLabelDataset(str(tmp_path), None)) == 1
 
 
 # ---------------------------------------------------------------- manifest round trip
@@ -119,7 +119,7 @@ class BrightIsCan(torch.nn.Module):
 def fake_ensemble(monkeypatch, tmp_path):
     checkpoint = tmp_path / "fold0.pt"
     checkpoint.write_bytes(b"")
-    monkeypatch.setattr(inference, "load_ensemble", lambda patterns, device, tta, tiling: (BrightIsCan(), CLASS_NAMES))
+    monkeypatch.setattr(ensembles, "load_ensemble", lambda patterns, device, tta, tiling: (BrightIsCan(), CLASS_NAMES))
     return str(checkpoint)
 
 
@@ -140,7 +140,7 @@ def test_manifest_round_trip_through_the_training_dataset(tmp_path, fake_ensembl
     manifest = run("--checkpoints", fake_ensemble, "--data-root", root, "--json", "test.json",
                    "--threshold", "0.9", "--out", out)
 
-    with open(os.path.join(out, pl.MANIFEST)) as f:
+    with open(os.path.join(out, data.PSEUDO_MANIFEST)) as f:
         assert json.load(f) == manifest
     assert manifest["class_names"] == CLASS_NAMES and manifest["threshold"] == 0.9
     assert manifest["checkpoints"] == [fake_ensemble]
@@ -149,9 +149,9 @@ def test_manifest_round_trip_through_the_training_dataset(tmp_path, fake_ensembl
         (7, os.path.join("masks", "batch", "1.png"), 0.5), (8, os.path.join("masks", "batch", "2.png"), 0.5)]
     assert manifest["items"][0]["image"] == os.path.join(root, "batch", "1.png")
     for item in manifest["items"]:
-        np.testing.assert_array_equal(pl.read_label_png(os.path.join(out, item["mask"])), expected_mask())
+        np.testing.assert_array_equal(data.read_label_png(os.path.join(out, item["mask"])), expected_mask())
 
-    pseudo = pl.PseudoLabelDataset(out, data.build_transform("none", 16))
+    pseudo = data.PseudoLabelDataset(out, data.build_transform("none", 16))
     assert pseudo.class_names == CLASS_NAMES and len(pseudo) == 2
     image, mask = pseudo[(1, 123)]
     assert image.shape == (3, 16, 16) and mask.dtype == torch.long
@@ -180,7 +180,7 @@ def test_two_images_with_one_stem_are_refused(tmp_path, fake_ensemble):
 
 def test_missing_manifest_names_the_fix(tmp_path):
     with pytest.raises(utils.UserError, match="run pseudo_label.py"):
-        pl.PseudoLabelDataset(str(tmp_path), None)
+        data.PseudoLabelDataset(str(tmp_path), None)
 
 
 # ---------------------------------------------------------------- ratio mix
@@ -194,16 +194,16 @@ class Recorder(torch.utils.data.Dataset):
 
 
 def test_ratio_mix_length_and_disabled_ratios():
-    assert len(pl.mix_ratio_dataset(Recorder(), 10, 0.5)) == 5
-    assert len(pl.mix_ratio_dataset(Recorder(), 10, 2.0)) == 20
-    assert pl.mix_ratio_dataset(Recorder(), 10, 0.0) is None
-    assert pl.mix_ratio_dataset(Recorder(), 10, -1.0) is None
+    assert len(data.mix_ratio_dataset(Recorder(), 10, 0.5)) == 5
+    assert len(data.mix_ratio_dataset(Recorder(), 10, 2.0)) == 20
+    assert data.mix_ratio_dataset(Recorder(), 10, 0.0) is None
+    assert data.mix_ratio_dataset(Recorder(), 10, -1.0) is None
     with pytest.raises(ValueError, match="no pseudo-labelled images"):
-        pl.mix_ratio_dataset([], 10, 0.5)
+        data.mix_ratio_dataset([], 10, 0.5)
 
 
 def test_ratio_mix_draws_follow_the_sampler_seed():
-    mix = pl.mix_ratio_dataset(Recorder(), 40, 0.5)
+    mix = data.mix_ratio_dataset(Recorder(), 40, 0.5)
     assert mix[(3, 1234)] == (1234 % 7, 1234) and mix[3] == 3
 
     def epoch_draws(epoch):
@@ -226,7 +226,7 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
     test_images = data.Coco(os.path.join(root, "test.json"), root)
     assert [i["image_id"] for i in manifest["items"]] == [image["id"] for image in test_images.images]
     for item in manifest["items"]:
-        mask = pl.read_label_png(os.path.join(out, item["mask"]))
+        mask = data.read_label_png(os.path.join(out, item["mask"]))
         assert mask.shape == (64, 64) and item["kept"] == pytest.approx(np.mean(mask != IGNORE))
         assert set(np.unique(mask)) <= set(range(len(manifest["class_names"]))) | {IGNORE}
 
@@ -234,7 +234,7 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
     retrained = tmp_path / "retrained"
     run_train(tiny_demo, "--epochs", 1, "--output", retrained, "--pseudo", out, "--pseudo-ratio", 1)
     # ratio 1: 8 pseudo-labelled draws join the 8 labelled images, so the epoch has 8 batches of 2, not 4
-    assert utils.load_checkpoint(tiny_run / "last.pt")["global_step"] == 4
-    assert utils.load_checkpoint(retrained / "last.pt")["global_step"] == 8
+    assert utils.load_checkpoint(tiny_run / utils.LAST_CHECKPOINT)["global_step"] == 4
+    assert utils.load_checkpoint(retrained / utils.LAST_CHECKPOINT)["global_step"] == 8
     test_paths = {os.path.realpath(test_images.image_path(image)) for image in test_images.images}
     assert sum(path in test_paths for path in image_reads) == 8

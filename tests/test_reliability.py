@@ -55,7 +55,7 @@ class PoisonedLoss(torch.nn.Module):
 ])
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_demo, run_train, tmp_path, monkeypatch,
                                                                       poison, at, reason, kept_position):
-    last_pt = tmp_path / "run" / "last.pt"
+    last_pt = tmp_path / "run" / utils.LAST_CHECKPOINT
     real_build_loss, poisoned = losses.build_loss, []
 
     def build_poisoned_loss(*args, **kwargs):

@@ -19,6 +19,8 @@ import demo
 import train
 import utils
 
+pytestmark = pytest.mark.slow  # subprocess trainings killed and resumed
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 2  # of 8 training images in batches of 2
 KILL_AFTER = (1, 2)  # (epoch, step in epoch) of the last.pt after which the run is killed
@@ -94,7 +96,7 @@ def position(path):
 
 def kill_once_saved(run, at):
     """SIGKILL the run as soon as its last.pt reports position `at` or later; returns last.pt's position then."""
-    last_pt, seen = run.output / "last.pt", None
+    last_pt, seen = run.output / utils.LAST_CHECKPOINT, None
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while run.proc.poll() is None and time.monotonic() < deadline:
         stamp = os.stat(last_pt).st_mtime_ns if last_pt.exists() else None
@@ -188,7 +190,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, ea
 def test_sigkill_mid_write_keeps_the_previous_last_pt(demo_root, early_runs):
     run, reference = early_runs["mid_write"], early_runs["reference"]
     run.wait(expect=-signal.SIGKILL)
-    assert position(run.output / "last.pt") == (0, KILLED_SAVE - 1)
+    assert position(run.output / utils.LAST_CHECKPOINT) == (0, KILLED_SAVE - 1)
     half_written = [name for name in os.listdir(run.output) if name.startswith(".last.pt.")]
     assert len(half_written) == 1, os.listdir(run.output)
     with pytest.raises(ValueError, match="cannot be read"):
@@ -208,7 +210,7 @@ def resume_in_process(data_root, output, checkpoint, *extra):
 
 def test_resume_with_another_model_names_both(demo_root, reference):
     reference.wait()
-    last_pt, output = reference.output / "last.pt", demo_root / "other-model"
+    last_pt, output = reference.output / utils.LAST_CHECKPOINT, demo_root / "other-model"
     message = f"{last_pt} is unet/test_resnet, this run is unetpp/test_resnet"
     with pytest.raises(ValueError, match=re.escape(message)):
         resume_in_process(demo_root, output, last_pt, "--model", "unetpp")
@@ -217,7 +219,7 @@ def test_resume_with_another_model_names_both(demo_root, reference):
 
 def test_resume_with_changed_arguments_names_them(demo_root, reference, capsys):
     reference.wait()
-    resume_in_process(demo_root, demo_root / "changed-args", reference.output / "last.pt",
+    resume_in_process(demo_root, demo_root / "changed-args", reference.output / utils.LAST_CHECKPOINT,
                       "--lr", "0.5", "--workers", "1", "--val-every", "2")
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:"))
     changes = warning.split(": ", 2)[2].split("; ")
@@ -242,7 +244,7 @@ def subset_jsons(root, n_categories):
 
 def test_resume_with_another_class_count_names_both(demo_root, reference):
     reference.wait()
-    last_pt, output = reference.output / "last.pt", demo_root / "other-classes"
+    last_pt, output = reference.output / utils.LAST_CHECKPOINT, demo_root / "other-classes"
     train_json, val_json = subset_jsons(demo_root, 4)
     with pytest.raises(ValueError) as err:
         resume_in_process(demo_root, output, last_pt, "--train-json", train_json, "--val-json", val_json)

@@ -17,8 +17,9 @@ from PIL import Image
 
 import dataset as data
 import demo
-import inference
+import ensemble as ensembles
 import serve
+import utils
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
 from test_export import write_checkpoint
 
@@ -36,7 +37,7 @@ def demo_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoint(demo_root):
     names = data.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
-    return write_checkpoint(demo_root / "best.pt", names)
+    return write_checkpoint(demo_root / utils.BEST_CHECKPOINT, names)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,8 @@ def photo(demo_root):
 
 def expected_mask(checkpoint, rgb):
     """The label map inference.py's code predicts for an image: its ensemble on its [0, 1] tensor."""
-    ensemble, _ = inference.load_ensemble([str(checkpoint)], "cpu")
-    image = inference.unit_range_transform()(image=rgb)["image"]
+    ensemble, _ = ensembles.load_ensemble([str(checkpoint)], "cpu")
+    image = ensembles.unit_range_transform()(image=rgb)["image"]
     with torch.inference_mode():
         return ensemble(image[None])[0].argmax(0).byte().numpy()
 

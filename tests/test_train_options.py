@@ -19,7 +19,7 @@ BATCHES_PER_EPOCH = 4  # 8 training images in batches of 2
 
 def global_step(run):
     """Optimizer steps taken by the run in `run` (a folder)."""
-    return utils.load_checkpoint(run / "last.pt")["global_step"]
+    return utils.load_checkpoint(run / utils.LAST_CHECKPOINT)["global_step"]
 
 
 # ---------------------------------------------------------------- --fold

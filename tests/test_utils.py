@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from utils import (ConfusionMatrix, atomic_open, class_palette, colorize, load_checkpoint, read_submission,
-                   resize_for_submission, save_checkpoint, scores_from_confusion, write_submission)
+from utils import (ConfusionMatrix, atomic_open, class_palette, colorize, format_class_table, load_checkpoint, overlay,
+                   overlay_panel, read_submission, resize_for_submission, save_checkpoint, scores_from_confusion,
+                   write_submission)
 
 NUM_CLASSES = 11
 
@@ -271,3 +272,21 @@ def test_class_colours_are_distinct(num_classes):
     colours = {tuple(c) for c in palette.tolist()}
     assert len(colours) == num_classes
     assert (255, 255, 255) not in colours  # white stays the ignore colour
+
+
+def test_class_table_aligns_columns_and_shows_missing_values_as_dashes():
+    table = format_class_table(["Background", "Can"], [("pixels", [np.int64(1200), 7]), ("IoU", [0.5, float("nan")])])
+    assert table.split("\n") == ["class       pixels     IoU",
+                                 "Background    1200  0.5000",
+                                 "Can              7       -"]
+
+
+def test_overlay_panel_is_the_image_then_one_overlay_per_mask():
+    image = np.full((2, 3, 3), 100, dtype=np.uint8)
+    mask = np.array([[0, 1, 1], [0, 0, 2]], dtype=np.uint8)
+    panel = overlay_panel(image, [mask, np.zeros_like(mask)], num_classes=3)
+    assert panel.shape == (2, 9, 3)
+    np.testing.assert_array_equal(panel[:, :3], image)
+    np.testing.assert_array_equal(panel[:, 3:6], overlay(image, mask, 3))
+    np.testing.assert_array_equal(panel[:, 6:], image)  # background only: the image unchanged
+    assert (panel[0, 4] != image[0, 1]).any()  # a labelled pixel is tinted

@@ -1,0 +1,437 @@
+"""Prediction with one model file or an ensemble: the machinery inference.py, pseudo_label.py,
+export.py and serve.py share.
+
+A model file is a checkpoint (Member) or an ONNX file written by export.py (OnnxMember, run by
+onnxruntime); an Ensemble combines its members' class probabilities (soft or hard vote), with
+test-time augmentation (ttach) and, for photos larger than the training size, slide inference.
+`predict` runs an ensemble over a loader of [0, 1] images of any sizes. `prepare_for_inference`
+folds BatchNorms into convs for a model that will only predict.
+"""
+import argparse
+import collections
+import glob
+import json
+import os
+
+import albumentations as A
+import timm
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+import ttach as tta
+from albumentations.pytorch import ToTensorV2
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from tqdm import tqdm
+
+import dataset as data
+import model as models
+import utils
+
+
+# ---------------------------------------------------------------- command-line flags
+DEFAULT_CHECKPOINTS = f"runs/*/{utils.BEST_CHECKPOINT}"  # every run's best checkpoint
+
+
+def add_ensemble_args(p):
+    """Flags shared by the scripts that predict with an ensemble (inference.py and pseudo_label.py)."""
+    p.add_argument("--checkpoints", nargs="+", default=[DEFAULT_CHECKPOINTS],
+                   help=f"checkpoint files, run folders (their {utils.BEST_CHECKPOINT}), ONNX files from export.py "
+                        "or globs; probabilities are averaged")
+    p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
+    p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
+    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
+    p.add_argument("--tile", type=utils.positive_int, default=None, metavar="SIZE",
+                   help="predict each image window by window, SIZE x SIZE photo pixels each (for photos larger than "
+                        "the training size; device memory stays bounded by the window)")
+    p.add_argument("--tile-overlap", type=overlap_fraction, default=1 / 3,
+                   help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
+    p.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels than this (a guard against decompression bombs)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    utils.add_device_args(p)
+
+
+def overlap_fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- models
+def resize(x, size):
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class Member(torch.nn.Module):
+    """One checkpoint: [0, 1] images at any size -> class probabilities at each image's size.
+
+    `images`: an N x 3 x H x W batch, or a list of 3 x H x W images of different sizes; the
+    output takes the same form. Every image is resized to the checkpoint's training size, so a
+    list is still predicted as one batch, and each prediction is resized back to its own image.
+    Test-time augmentation (scales included) applies at the training size.
+    """
+
+    def __init__(self, checkpoint, tta_transforms=None):
+        super().__init__()
+        net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
+                                  **checkpoint["model_kwargs"])
+        net.load_state_dict(checkpoint["state_dict"])
+        self.size = checkpoint["image_size"]
+        self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
+        probs = NormalisedSoftmax(prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
+        self.probs = with_tta(probs, tta_transforms)
+
+    def forward(self, images):
+        square = (self.size, self.size)
+        if torch.is_tensor(images):
+            return resize(self.probs(resize(images, square)), images.shape[-2:])
+        probs = self.probs(torch.cat([resize(image[None], square) for image in images]))
+        return [resize(prob[None], image.shape[-2:])[0] for prob, image in zip(probs, images)]
+
+    def slide(self, image, tiling):
+        """One 3 x H x W image (on any device) -> C x H x W float probabilities on the CPU, window by window.
+
+        MMSegmentation's slide inference: tiling.size x tiling.size windows of photo pixels cover the
+        image, the last one of each row and column aligned to the border; each window is predicted
+        as forward() predicts an image, and overlapping probabilities are averaged. At most
+        tiling.batch_size windows are on tiling.device at once, whatever the photo's size.
+        """
+        boxes = window_boxes(image.shape[-2:], tiling.size, tiling.overlap)
+        total, count = None, torch.zeros(image.shape[-2:])
+        for start in range(0, len(boxes), tiling.batch_size):
+            chunk = boxes[start:start + tiling.batch_size]
+            windows = torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]).to(tiling.device)
+            probs = self(windows).float().cpu()
+            if total is None:
+                total = torch.zeros((probs.shape[1], *image.shape[-2:]))
+            for (y0, y1, x0, x1), prob in zip(chunk, probs):
+                total[:, y0:y1, x0:x1] += prob
+                count[y0:y1, x0:x1] += 1
+        return total.div_(count)
+
+
+def window_boxes(image_hw, tile, overlap):
+    """(y0, y1, x0, x1) of the windows that cover an image, as MMSegmentation's slide inference places them.
+
+    Stride tile - round(tile * overlap); the last window of a row or column ends at the border;
+    a side shorter than the tile is one window as long as the side.
+    """
+    stride = max(1, tile - round(tile * overlap))
+
+    def spans(length):
+        count = max(length - tile + stride - 1, 0) // stride + 1
+        starts = sorted({max(min(i * stride, length - tile), 0) for i in range(count)})
+        return [(start, min(start + tile, length)) for start in starts]
+
+    return [(y0, y1, x0, x1) for y0, y1 in spans(image_hw[0]) for x0, x1 in spans(image_hw[1])]
+
+
+Tiling = collections.namedtuple("Tiling", "size overlap batch_size device")
+
+
+def build_tiling(args):
+    """The window settings --tile asks for; None without --tile (images are resized whole)."""
+    return Tiling(args.tile, args.tile_overlap, args.batch_size, args.device) if args.tile else None
+
+
+def with_tta(probs, tta_transforms):
+    if tta_transforms is None:
+        return probs
+    return tta.SegmentationTTAWrapper(probs, tta_transforms, merge_mode="mean")
+
+
+class NormalisedSoftmax(torch.nn.Module):
+    def __init__(self, net, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std).float().softmax(1)
+
+
+class OnnxMember(Member):
+    """An ONNX file from export.py run by onnxruntime, with Member's interface.
+
+    Images are resized to the export size and rounded to uint8, the model's input type.
+    """
+
+    def __init__(self, description, tta_transforms=None):
+        torch.nn.Module.__init__(self)
+        path = description["path"]
+        if description["output"] != "probabilities":
+            raise utils.UserError(f"{path} outputs {description['output']}, not probabilities: export it "
+                                  f"again without --labels to predict with it here")
+        if tta_transforms is not None and any(isinstance(t, tta.Scale) for t in tta_transforms.aug_transforms):
+            raise utils.UserError(f"{path} takes {description['input_size']} inputs only, so --tta-scales "
+                                  f"cannot run on it: use --tta without scales, or the checkpoint")
+        height, width = description["input_size"]
+        if height != width:
+            raise utils.UserError(f"{path} takes {height}x{width} inputs; export.py writes square ones: export again")
+        self.size = height
+        self.paint_order = description["paint_order"]
+        self.probs = with_tta(OnnxProbabilities(description["session"]), tta_transforms)
+
+
+class OnnxProbabilities(torch.nn.Module):
+    """[0, 1] float images at the export size -> the ONNX model's probabilities, on the images' device."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def forward(self, x):
+        images = (x.float() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        probs = self.session.run(None, {self.input_name: images})[0]
+        return torch.from_numpy(probs).to(x.device)
+
+
+def onnx_metadata(description):
+    """A model description as ONNX metadata: one entry per field, its value as JSON."""
+    return {key: json.dumps(value) for key, value in description.items()}
+
+
+def open_onnx(path, device="cpu"):
+    """An onnxruntime session for an export.py file and its description (+ "path" and "session")."""
+    import onnxruntime as ort  # only ONNX files need it
+
+    providers = ["CPUExecutionProvider"]
+    if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(path, providers=providers)
+    except Exception as err:  # onnxruntime raises its own types for truncated or foreign files
+        raise utils.UserError(f"{path} cannot be loaded by onnxruntime (truncated or not an ONNX model): "
+                              f"{err}") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    missing = [key for key in ("class_names", "input_size", "output") if key not in metadata]
+    if missing:
+        raise utils.UserError(f"{path} lacks the metadata {missing}: it was not written by export.py; export "
+                              f"the checkpoint with export.py")
+    description = {key: json.loads(value) for key, value in metadata.items()}
+    return {**description, "path": path, "session": session}
+
+
+def load_model_file(path, device="cpu"):
+    """A checkpoint, or the description of an ONNX file (Member or OnnxMember takes either)."""
+    if path.lower().endswith(".onnx"):
+        return open_onnx(path, device)
+    return utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
+
+
+def expand_checkpoints(patterns):
+    """Files, run folders (-> their best.pt) and globs -> sorted checkpoint paths."""
+    paths = []
+    for pattern in patterns:
+        for match in sorted(glob.glob(pattern)) or [pattern]:
+            paths.append(os.path.join(match, utils.BEST_CHECKPOINT) if os.path.isdir(match) else match)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise utils.UserError(f"no checkpoint at {', '.join(missing)}: train first (python train.py --output "
+                              f"runs/NAME), or pass --checkpoints with checkpoint files, run folders or globs")
+    return paths
+
+
+def load_ensemble(patterns, device, tta_transforms=None, vote="soft", tiling=None):
+    """(model combining all members' probabilities by `vote`, class names)."""
+    paths = expand_checkpoints(patterns)
+    checkpoints = [load_model_file(p, device) for p in paths]
+    return build_ensemble(paths, checkpoints, device, tta_transforms, vote, tiling)
+
+
+def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft", tiling=None):
+    """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names)."""
+    class_names = checkpoints[0]["class_names"]
+    for path, checkpoint in zip(paths, checkpoints):
+        data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
+    members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
+    ensemble = Ensemble(members, vote, tiling).to(device).eval()
+    print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
+    return ensemble, class_names
+
+
+VOTES = ("soft", "hard")
+
+
+class Ensemble(torch.nn.Module):
+    """Members' class probabilities combined per pixel: averaged (soft vote) or by majority (hard vote).
+
+    The hard vote returns (votes + mean probability) / (members + 1): still a distribution over
+    the classes, whose argmax is the majority class, ties going to the highest mean probability
+    (vote counts differ by whole numbers, mean probabilities by less than 1).
+
+    Images come in the form Member takes (a batch tensor or a list of images of different sizes)
+    and probabilities go out in the same form, each at its image's size. With `tiling`, each image
+    is predicted window by window (Member.slide) and its probabilities come back in a list on the CPU.
+    """
+
+    def __init__(self, members, vote="soft", tiling=None):
+        super().__init__()
+        if vote not in VOTES:
+            raise ValueError(f"unknown vote {vote!r}; use one of {', '.join(VOTES)}")
+        self.members = torch.nn.ModuleList(members)
+        self.vote = vote
+        self.tiling = tiling
+
+    def forward(self, images):
+        if self.tiling is not None:
+            return [self.combine([m.slide(image, self.tiling) for m in self.members]) for image in images]
+        outputs = [m(images) for m in self.members]
+        if torch.is_tensor(outputs[0]):
+            return self.combine(outputs)
+        return [self.combine(per_member) for per_member in zip(*outputs)]
+
+    def combine(self, member_probs):
+        """The members' probabilities of one batch (N x C x H x W each) or one image (C x H x W) -> the vote's."""
+        if self.vote == "soft" and len(member_probs) == 1:
+            return member_probs[0]  # no stacked copy: a tiled photo's probabilities can be large
+        probs = torch.stack(member_probs)
+        mean = probs.mean(0)
+        if self.vote == "soft":
+            return mean
+        votes = F.one_hot(probs.argmax(-3), probs.shape[-3]).sum(0).movedim(-1, -3)
+        return (votes + mean) / (len(self.members) + 1)
+
+
+def build_tta(args):
+    """The test-time augmentations the --tta flags ask for; None without --tta."""
+    if not args.tta:
+        return None
+    steps = [tta.HorizontalFlip()]
+    if args.tta_vflip:
+        steps.append(tta.VerticalFlip())
+    if list(args.tta_scales) != [1.0]:
+        steps.append(tta.Scale(scales=list(args.tta_scales), interpolation="bilinear", align_corners=False))
+    return tta.Compose(steps)
+
+
+# ---------------------------------------------------------------- prediction
+def unit_range_transform():
+    """Images as [0, 1] float tensors at their own size; each member resizes and normalises."""
+    return A.Compose([A.Normalize(mean=0.0, std=1.0), ToTensorV2()])
+
+
+@torch.inference_mode()
+def predict(ensemble, loader, device, amp="off"):
+    """Yield (dataset index, float class probabilities C x H x W) in loader order, each at its image's size.
+
+    The loader batches with dataset.collate_mixed: a batch tensor, or a list of images of different
+    sizes. Probabilities are on the device (on the CPU with tiling). An image a dataset could not
+    read (ImageFolderDataset gives its UserError instead) is yielded as that UserError.
+    """
+    index = 0
+    for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
+        errors = {}
+        if not torch.is_tensor(images):
+            errors = {i: image for i, image in enumerate(images) if isinstance(image, utils.UserError)}
+            images = [image for image in images if not isinstance(image, utils.UserError)]
+        batch_size = len(images) + len(errors)
+        if ensemble.tiling is None:  # with tiling, windows go to the device a few at a time
+            images = to_device(images, device)
+        with utils.autocast(device, amp):
+            probs = iter(ensemble(images) if len(images) else [])
+        for position in range(batch_size):
+            yield index, errors[position] if position in errors else next(probs).float()
+            index += 1
+
+
+class DatasetPredictions:
+    """Iterate (index, image info, probabilities) over a dataset's images in order, as `predict` makes them.
+
+    Images that cannot be read are reported and left out; `skipped` counts them, with the files
+    the dataset refused up front (ImageFolderDataset's `skipped`). The flags say the batch size,
+    workers, device and --amp.
+    """
+
+    def __init__(self, ensemble, dataset, args):
+        self.ensemble, self.dataset, self.args = ensemble, dataset, args
+        self.skipped = len(getattr(dataset, "skipped", []))
+
+    def __iter__(self):
+        # sequential order: predict() maps batch positions back to dataset.images
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.args.batch_size,
+                                             num_workers=self.args.workers, collate_fn=data.collate_mixed)
+        for index, prob in predict(self.ensemble, loader, self.args.device, self.args.amp):
+            if isinstance(prob, utils.UserError):
+                print(f"skipped: {prob}")
+                self.skipped += 1
+                continue
+            yield index, self.dataset.images[index], prob
+
+
+def to_device(images, device):
+    """A batch tensor or a list of image tensors, moved to the device."""
+    if torch.is_tensor(images):
+        return images.to(device, non_blocking=True)
+    return [image.to(device, non_blocking=True) for image in images]
+
+
+# ---------------------------------------------------------------- conv-BN fusion
+class _ConvBnTracer(torch.fx.Tracer):
+    """Keeps convs, BatchNorms (including subclasses with a fused activation) and the layers timm
+    marks as untraceable (dynamic "same" padding, ...) as graph leaves."""
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(timm.layers.get_notrace_functions()))
+
+    def is_leaf_module(self, module, qualified_name):
+        return (
+            isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+            or timm.layers.is_notrace_module(type(module))
+            or super().is_leaf_module(module, qualified_name)
+        )
+
+
+def fuse_conv_bn(module):
+    """Fold eval-mode BatchNorms into the conv that feeds them; returns how many were folded.
+
+    The pairs come from an FX trace, so a conv is only fused when the BatchNorm is the sole
+    consumer of its output. A module that cannot be traced (shape-dependent Python, list
+    inputs) is handled child by child.
+    """
+    try:
+        graph = _ConvBnTracer().trace(module)
+    except Exception:  # any tracing failure: fall back to the children
+        return sum(fuse_conv_bn(child) for child in module.children())
+    modules = dict(module.named_modules())
+    calls = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    fused = 0
+    for node in graph.nodes:
+        source = node.args[0] if node.args else None
+        if node.op != "call_module" or not isinstance(source, torch.fx.Node) or source.op != "call_module":
+            continue
+        bn, conv = modules[node.target], modules[source.target]
+        if not (isinstance(bn, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and bn.running_mean is not None):
+            continue
+        if len(source.users) != 1 or calls[node.target] != 1 or calls[source.target] != 1:
+            continue
+        conv.weight, conv.bias = fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
+        # BatchNorm subclasses with a built-in activation (timm's BatchNormAct2d) keep it
+        after = nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity()
+        parent, _, name = node.target.rpartition(".")
+        setattr(module.get_submodule(parent), name, after)
+        fused += 1
+    return fused
+
+
+@torch.no_grad()
+def prepare_for_inference(model):
+    """Eval mode, BatchNorm folded into convs, channels_last weights. Same outputs, faster on CPU.
+
+    Fused models cannot be trained any more: use this only on a copy meant for inference.
+    """
+    model.eval()
+    fuse_conv_bn(model)
+    return model.to(memory_format=torch.channels_last)
