@@ -24,6 +24,24 @@ SCRIPT_FLAGS = ["--workers", "0", "--device", "cpu"]  # inference.py and pseudo_
 
 
 @pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    """A function (size, n_train, n_val, n_test) -> root (a pathlib.Path) of such a demo set, built once.
+
+    For test files that need other sizes than `tiny_demo`; the same rule holds: read-only.
+    """
+    built = {}
+
+    def make(size, n_train, n_val, n_test):
+        key = (size, n_train, n_val, n_test)
+        if key not in built:
+            built[key] = tmp_path_factory.mktemp("demo") / "data"
+            demo.make_demo(str(built[key]), size=size, n_train=n_train, n_val=n_val, n_test=n_test)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
     """Root (a pathlib.Path) of a demo set of 8 train, 4 val and 3 test images of 64 x 64."""
     root = tmp_path_factory.mktemp("tiny_demo") / "data"

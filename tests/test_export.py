@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import dataset as data
-import demo
 import ensemble as ensembles
 import export
 import inference
@@ -29,11 +28,9 @@ def write_checkpoint(path, class_names, name="deeplabv3p", encoder=ENCODER, size
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def demo_root(demo_set):
     """A tiny demo set whose images are 64x64, the checkpoints' training size."""
-    root = tmp_path_factory.mktemp("demo")
-    demo.make_demo(str(root), size=64, n_train=1, n_val=1, n_test=3)
-    return root
+    return demo_set(size=64, n_train=1, n_val=1, n_test=3)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import dataset as data
-import demo
 import inference
 import report
 import train
@@ -58,10 +57,8 @@ def check_report_folder(folder):
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    demo.make_demo(str(root), size=64, n_train=6, n_val=4, n_test=2)
-    return root
+def demo_root(demo_set):
+    return demo_set(size=64, n_train=6, n_val=4, n_test=2)
 
 
 # ---------------------------------------------------------------- evaluation report

@@ -142,10 +142,8 @@ def last_validation(log):
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    demo.make_demo(str(root), size=64, n_train=8, n_val=4, n_test=2)
-    return root
+def demo_root(demo_set):
+    return demo_set(size=64, n_train=8, n_val=4, n_test=2)
 
 
 @pytest.fixture(scope="module")

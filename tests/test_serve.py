@@ -16,7 +16,6 @@ import uvicorn
 from PIL import Image
 
 import dataset as data
-import demo
 import ensemble as ensembles
 import serve
 import utils
@@ -28,10 +27,8 @@ MAX_PIXELS = 500_000
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-demo")
-    demo.make_demo(str(root), size=96, n_train=1, n_val=1, n_test=1)
-    return root
+def demo_root(demo_set):
+    return demo_set(size=96, n_train=1, n_val=1, n_test=1)
 
 
 @pytest.fixture(scope="module")
