@@ -126,11 +126,11 @@ def run_oof(args):
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
         accumulator = accumulator or new_report(args, class_names)
         for index, prob in ensembles.predict(ensemble, loader, args.device, args.amp):
-            fold_confusion.update(torch.from_numpy(dataset.label_mask(index)), prob.argmax(0))
+            target, pred = dataset.label_mask(index), prob.argmax(0)
+            fold_confusion.update(torch.from_numpy(target), pred)
             if accumulator is not None:
                 info = dataset.images[index]
-                accumulator.add(info, dataset.label_mask(index), prob.argmax(0).cpu().numpy(),
-                                dataset.coco.image_path(info))
+                accumulator.add(info, target, pred.cpu().numpy(), dataset.coco.image_path(info))
         print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
         confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
     missing = sorted(set(range(run["n_folds"])) - set(seen))
@@ -174,14 +174,17 @@ def main(args):
     predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
     for index, info, prob in predictions:
         mask = prob.argmax(0).byte()
+        target = dataset.label_mask(index) if args.eval else None
         if args.eval:
-            confusion.update(torch.from_numpy(dataset.label_mask(index)), mask)
+            confusion.update(torch.from_numpy(target), mask)
         mask = mask.cpu().numpy()
         rows.append((info["file_name"], mask))
-        if accumulator is not None:
-            accumulator.add(info, dataset.label_mask(index), mask, image_path(info))
+        if accumulator is not None:  # only with --eval
+            accumulator.add(info, target, mask, image_path(info))
         save_outputs(args, info, image_path(info), mask, len(class_names))
-    utils.write_submission(args.output, rows, len(class_names), expected_ids=[name for name, _ in rows])
+    # a json's images must all be in the CSV; from --images, the files that could be read
+    expected = None if args.images else [image["file_name"] for image in dataset.images]
+    utils.write_submission(args.output, rows, len(class_names), expected_ids=expected)
     skipped = predictions.skipped
     print(f"wrote {args.output} ({len(rows)} images" + (f"; {skipped} unreadable file(s) skipped)" if skipped else ")"))
     if args.eval:
