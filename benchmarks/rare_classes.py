@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import train  # noqa: E402
-from compare_runs import as_number, read_record  # noqa: E402
+from compare_runs import pick_record, read_history  # noqa: E402
+from report import as_number  # noqa: E402
 
 LEVERS = {
     "repeat-factor": ["--sampler", "repeat-factor", "--repeat-thresh", "0.5"],
@@ -119,7 +120,7 @@ def main(args):
             epochs = train.get_args_parser().parse_args(options).epochs  # a bad recipe stops here, before training
             output = os.path.join(args.out, name, f"seed{seed}")
             train_once(options, output, epochs)
-            records.append(read_record(output, best=False))
+            records.append(pick_record(read_history(output), best=False))
         records_by_config[name] = records
     print(f"\nIoU at the last validation, mean ± std over seeds {args.seeds}; recipe: {shlex.join(recipe)}")
     for name in chosen:

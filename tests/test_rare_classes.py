@@ -264,3 +264,22 @@ def test_auto_class_weights_of_a_dataset_follow_the_formula(tmp_path):
     expected = [w / mean for w in inverse_sqrt + [cap]]
     assert weights.tolist() == pytest.approx(expected, rel=1e-6)
     assert weights[3] / weights[0] == pytest.approx(10)
+
+
+# ---------------------------------------------------------------- the benchmark over seeds
+def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(tiny_demo, tiny_train_argv, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    command = [sys.executable, "benchmarks/rare_classes.py", "--out", str(out), "--seeds", "0", "1",
+               "--configs", "baseline", "class-weights", "--", *tiny_train_argv(tiny_demo, "--epochs", "1")]
+    first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    mious = {config: [json.loads((out / config / f"seed{s}" / "metrics.json").read_text())[-1]["miou"] for s in (0, 1)]
+             for config in ("baseline", "class-weights")}
+    row = next(line for line in first.splitlines() if line.startswith("| mIoU |"))
+    expected = " | ".join(f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" for v in mious.values())
+    assert row == f"| mIoU | {expected} |"
+    assert sum(line.startswith("|") for line in first.splitlines()) == 2 + 11 + 1  # header, rule, classes, mIoU
+    second = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert second.count("done already") == 4 and second.endswith(first[first.index("\nIoU at"):])
