@@ -11,7 +11,8 @@ Everything after `--` is the train.py recipe. Each configuration adds its option
 options win, so a configuration can turn a recipe's option back) and is trained once per seed
 (`--seed S`) by train.py in a subprocess, into OUT/CONFIG/seedS, its log beside it. A run whose
 metrics.json already holds the last epoch is not trained again: run the same command again to
-finish an interrupted benchmark or to print the table. Printed: a markdown table of each class's
+finish an interrupted benchmark or to print the table (--finished-only prints the finished
+runs' table and trains nothing). Printed: a markdown table of each class's
 IoU at the last validation, mean ± sample standard deviation over the seeds, then mIoU.
 """
 import argparse
@@ -56,6 +57,8 @@ def get_args_parser():
                    help="an extra configuration NAME=OPTIONS (e.g. 'rf+crop=--sampler repeat-factor --crop-rare')")
     p.add_argument("--configs", nargs="+", default=None,
                    help=f"configurations to run, in this order (default: {' '.join(CONFIGS)} and every --config)")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: print the table of the runs finished so far (the seeds each has are named)")
     p.add_argument("recipe", nargs=argparse.REMAINDER, help="-- then the train.py options shared by all runs")
     return p
 
@@ -94,12 +97,13 @@ def cell(values):
     return f"{np.nanmean(values):.3f} ± {np.nanstd(values, ddof=1):.3f}"
 
 
-def markdown_table(records_by_config):
+def markdown_table(records_by_config, column_names=None):
     """Rows: classes then mIoU; columns: configurations; cells: mean ± std over the seeds."""
-    names = list(next(iter(records_by_config.values()))[0]["iou"])
-    lines = ["| class | " + " | ".join(records_by_config) + " |", "|---" * (len(records_by_config) + 1) + "|"]
+    names = list(next(records[0] for records in records_by_config.values() if records)["iou"])
+    columns = column_names or list(records_by_config)
+    lines = ["| class | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name in names + ["mIoU"]:
-        cells = [cell([r["miou"] if name == "mIoU" else r["iou"][name] for r in records])
+        cells = [cell([r["miou"] if name == "mIoU" else r["iou"][name] for r in records] or [float("nan")])
                  for records in records_by_config.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -112,21 +116,27 @@ def main(args):
     unknown = [name for name in chosen if name not in configs]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; known: {list(configs)} (add one with --config NAME=OPTIONS)")
-    records_by_config = {}
+    records_by_config, seeds_by_config = {}, {}
     for name in chosen:
-        records = []
+        records_by_config[name], seeds_by_config[name] = [], []
         for seed in args.seeds:
             options = [*recipe, *configs[name], "--seed", str(seed)]
             epochs = train.get_args_parser().parse_args(options).epochs  # a bad recipe stops here, before training
-            output = os.path.join(args.out, name, f"seed{seed}")
+            output = os.path.join(os.path.abspath(args.out), name, f"seed{seed}")  # train.py runs in REPO
+            if args.finished_only and not last_epoch_done(output, epochs):
+                continue
             train_once(options, output, epochs)
-            records.append(pick_record(read_history(output), best=False))
-        records_by_config[name] = records
+            records_by_config[name].append(pick_record(read_history(output), best=False))
+            seeds_by_config[name].append(seed)
+    if not any(records_by_config.values()):
+        raise SystemExit(f"no finished run in {args.out} for these configurations and seeds")
     print(f"\nIoU at the last validation, mean ± std over seeds {args.seeds}; recipe: {shlex.join(recipe)}")
     for name in chosen:
         print(f"- {name}: {shlex.join(configs[name]) or '(the recipe alone)'}")
-    print("\n" + markdown_table(records_by_config))
-
+    column_names = None
+    if args.finished_only:
+        column_names = [f"{name} (seeds {', '.join(map(str, seeds)) or 'none'})" for name, seeds in seeds_by_config.items()]
+    print("\n" + markdown_table(records_by_config, column_names))
 
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

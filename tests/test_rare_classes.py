@@ -268,11 +268,13 @@ def test_auto_class_weights_of_a_dataset_follow_the_formula(tmp_path):
 
 # ---------------------------------------------------------------- the benchmark over seeds
 def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(tiny_demo, tiny_train_argv, tmp_path):
+    import os
     import subprocess
     import sys
 
     out = tmp_path / "bench"
-    command = [sys.executable, "benchmarks/rare_classes.py", "--out", str(out), "--seeds", "0", "1",
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "rare_classes.py")
+    command = [sys.executable, script, "--out", str(out), "--seeds", "0", "1",
                "--configs", "baseline", "class-weights", "--", *tiny_train_argv(tiny_demo, "--epochs", "1")]
     first = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     mious = {config: [json.loads((out / config / f"seed{s}" / "metrics.json").read_text())[-1]["miou"] for s in (0, 1)]
@@ -283,3 +285,7 @@ def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(t
     assert sum(line.startswith("|") for line in first.splitlines()) == 2 + 11 + 1  # header, rule, classes, mIoU
     second = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert second.count("done already") == 4 and second.endswith(first[first.index("\nIoU at"):])
+    command[command.index("--seeds") + 1:command.index("--configs")] = ["0", "1", "2", "--finished-only"]
+    finished = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert "| class | baseline (seeds 0, 1) | class-weights (seeds 0, 1) |" in finished
+    assert row in finished and not (out / "baseline" / "seed2").exists()
