@@ -109,23 +109,25 @@ def peak_memory_mib(step):
     return max(totals, default=0) / 2**20
 
 
-def build_steps(name, mode, args):
-    """{'ref': step, 'ours': step} for one model and mode, on the same seeded input."""
+def build_step(name, mode, side, args):
+    """One side's ('ref' or 'ours') train or inference step for one model, on a seeded input that
+    is the same for both sides."""
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.size, args.size)
     masks = torch.randint(0, args.num_classes, (args.batch, args.size, args.size))
-    mine = ours.create_model(name, args.encoder, args.num_classes, **OUR_OPTIONS.get(name, {}))
-    ref = reference_model(name, args.encoder, args.num_classes)
+    if side == "ref":
+        net = reference_model(name, args.encoder, args.num_classes)
+    else:
+        net = ours.create_model(name, args.encoder, args.num_classes, **OUR_OPTIONS.get(name, {}))
     if mode == "train":
-        return {"ref": train_step(ref, images, masks), "ours": train_step(mine, images, masks)}
-    return {"ref": inference_step(ref, images),
-            "ours": inference_step(ensembles.prepare_for_inference(mine), images)}
+        return train_step(net, images, masks)
+    return inference_step(net if side == "ref" else ensembles.prepare_for_inference(net), images)
 
 
 def _memory_in_this_process(name, mode, side, args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    step = build_steps(name, mode, args)[side]
+    step = build_step(name, mode, side, args)
     step()  # the optimizer's state and the first call's one-off allocations are not the step's
     return peak_memory_mib(step)
 
@@ -180,7 +182,7 @@ def main():
     print("-" * len(header))
     for name in args.models:
         for mode in ("train", "infer"):
-            steps = build_steps(name, mode, args)
+            steps = {side: build_step(name, mode, side, args) for side in ("ref", "ours")}
             times = time_steps(steps, args.warmup, args.iters)
             memory = {side: measure_memory(name, mode, side, args) for side in steps}
             speed = {key: args.batch / min(t) for key, t in times.items()}

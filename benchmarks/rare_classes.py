@@ -138,5 +138,6 @@ def main(args):
         column_names = [f"{name} (seeds {', '.join(map(str, seeds)) or 'none'})" for name, seeds in seeds_by_config.items()]
     print("\n" + markdown_table(records_by_config, column_names))
 
+
 if __name__ == "__main__":
     main(get_args_parser().parse_args())

@@ -42,11 +42,9 @@ def demo_set(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory):
+def tiny_demo(demo_set):
     """Root (a pathlib.Path) of a demo set of 8 train, 4 val and 3 test images of 64 x 64."""
-    root = tmp_path_factory.mktemp("tiny_demo") / "data"
-    demo.make_demo(str(root), **DEMO_SIZES)
-    return root
+    return demo_set(**DEMO_SIZES)
 
 
 @pytest.fixture

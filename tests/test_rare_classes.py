@@ -3,6 +3,9 @@ import argparse
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 
 import albumentations as A
 import numpy as np
@@ -268,10 +271,6 @@ def test_auto_class_weights_of_a_dataset_follow_the_formula(tmp_path):
 
 # ---------------------------------------------------------------- the benchmark over seeds
 def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(tiny_demo, tiny_train_argv, tmp_path):
-    import os
-    import subprocess
-    import sys
-
     out = tmp_path / "bench"
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "rare_classes.py")
     command = [sys.executable, script, "--out", str(out), "--seeds", "0", "1",
