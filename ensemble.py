@@ -4,7 +4,7 @@ export.py and serve.py share.
 A model file is a checkpoint (Member) or an ONNX file written by export.py (OnnxMember, run by
 onnxruntime); an Ensemble combines its members' class probabilities (soft or hard vote), with
 test-time augmentation (ttach) and, for photos larger than the training size, slide inference.
-`predict` runs an ensemble over a loader of [0, 1] images of any sizes. `prepare_for_inference`
+`predict` runs an ensemble over a loader of uint8 images of any sizes. `prepare_for_inference`
 folds BatchNorms into convs for a model that will only predict.
 """
 import argparse
@@ -68,7 +68,7 @@ def resize(x, size):
 
 
 class Member(torch.nn.Module):
-    """One checkpoint: [0, 1] images at any size -> class probabilities at each image's size.
+    """One checkpoint: uint8 or [0, 1] float images at any size -> class probabilities at each image's size.
 
     `images`: an N x 3 x H x W batch, or a list of 3 x H x W images of different sizes; the
     output takes the same form. Every image is resized to the checkpoint's training size, so a
@@ -89,46 +89,64 @@ class Member(torch.nn.Module):
     def forward(self, images):
         square = (self.size, self.size)
         if torch.is_tensor(images):
-            return resize(self.probs(resize(images, square)), images.shape[-2:])
-        probs = self.probs(torch.cat([resize(image[None], square) for image in images]))
+            return resize(self.probs(resize(unit_range(images), square)), images.shape[-2:])
+        probs = self.probs(torch.cat([resize(unit_range(image[None]), square) for image in images]))
         return [resize(prob[None], image.shape[-2:])[0] for prob, image in zip(probs, images)]
 
-    def slide(self, image, tiling):
-        """One 3 x H x W image (on any device) -> C x H x W float probabilities on the CPU, window by window.
 
-        MMSegmentation's slide inference: tiling.size x tiling.size windows of photo pixels cover the
-        image, the last one of each row and column aligned to the border; each window is predicted
-        as forward() predicts an image, and overlapping probabilities are averaged. At most
-        tiling.batch_size windows are on tiling.device at once, whatever the photo's size.
-        """
-        boxes = window_boxes(image.shape[-2:], tiling.size, tiling.overlap)
-        total, count = None, torch.zeros(image.shape[-2:])
-        for start in range(0, len(boxes), tiling.batch_size):
-            chunk = boxes[start:start + tiling.batch_size]
-            windows = torch.stack([image[:, y0:y1, x0:x1] for y0, y1, x0, x1 in chunk]).to(tiling.device)
-            probs = self(windows).float().cpu()
-            if total is None:
-                total = torch.zeros((probs.shape[1], *image.shape[-2:]))
-            for (y0, y1, x0, x1), prob in zip(chunk, probs):
-                total[:, y0:y1, x0:x1] += prob
-                count[y0:y1, x0:x1] += 1
-        return total.div_(count)
+def unit_range(images):
+    """uint8 images (as the prediction datasets give them) -> [0, 1] floats; float images pass as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
-def window_boxes(image_hw, tile, overlap):
-    """(y0, y1, x0, x1) of the windows that cover an image, as MMSegmentation's slide inference places them.
+def window_spans(length, tile, overlap):
+    """(start, end) of the windows that cover one side, as MMSegmentation's slide inference places them.
 
-    Stride tile - round(tile * overlap); the last window of a row or column ends at the border;
-    a side shorter than the tile is one window as long as the side.
+    Stride tile - round(tile * overlap); the last window ends at the border; a side shorter than
+    the tile is one window as long as the side. The windows of an image are every pair of a row
+    span and a column span.
     """
     stride = max(1, tile - round(tile * overlap))
+    count = max(length - tile + stride - 1, 0) // stride + 1
+    starts = sorted({max(min(i * stride, length - tile), 0) for i in range(count)})
+    return [(start, min(start + tile, length)) for start in starts]
 
-    def spans(length):
-        count = max(length - tile + stride - 1, 0) // stride + 1
-        starts = sorted({max(min(i * stride, length - tile), 0) for i in range(count)})
-        return [(start, min(start + tile, length)) for start in starts]
 
-    return [(y0, y1, x0, x1) for y0, y1 in spans(image_hw[0]) for x0, x1 in spans(image_hw[1])]
+def coverage(spans, length):
+    """How many of the spans hold each position of a side of `length`."""
+    count = torch.zeros(length)
+    for start, end in spans:
+        count[start:end] += 1
+    return count
+
+
+class BandSums:
+    """Summed window probabilities of a band of an image's rows, [top, top + height), full width, on the CPU."""
+
+    def __init__(self, height, width):
+        self.top, self.height, self.width, self.sums = 0, height, width, None
+
+    def add(self, probs, y0, x0):
+        """C x h x w window probabilities whose top left pixel is (y0, x0) of the image."""
+        if self.sums is None:
+            self.sums = probs.new_zeros(probs.shape[0], self.height, self.width)
+        self.sums[:, y0 - self.top:y0 - self.top + probs.shape[1], x0:x0 + probs.shape[2]] += probs
+
+    def rows_until(self, end):
+        """The sums of the rows top..end: a view, valid until drop_rows_until(end)."""
+        return self.sums[:, :end - self.top]
+
+    def drop_rows_until(self, end):
+        """Forget the rows top..end: the band then begins at `end`, shifted in place (no second band)."""
+        shift, kept = end - self.top, self.height - (end - self.top)
+        for start in range(0, kept, shift):  # chunks no longer than the shift never overlap their source
+            stop = min(start + shift, kept)
+            self.sums[:, start:stop] = self.sums[:, start + shift:stop + shift]
+        self.sums[:, kept:] = 0
+        self.top = end
+
+    def holds(self, tensor):
+        return self.sums is not None and tensor.untyped_storage().data_ptr() == self.sums.untyped_storage().data_ptr()
 
 
 Tiling = collections.namedtuple("Tiling", "size overlap batch_size device")
@@ -268,8 +286,8 @@ class Ensemble(torch.nn.Module):
     (vote counts differ by whole numbers, mean probabilities by less than 1).
 
     Images come in the form Member takes (a batch tensor or a list of images of different sizes)
-    and probabilities go out in the same form, each at its image's size. With `tiling`, each image
-    is predicted window by window (Member.slide) and its probabilities come back in a list on the CPU.
+    and probabilities go out in the same form, each at its image's size. `slide` predicts one
+    image window by window, with the `tiling` settings.
     """
 
     def __init__(self, members, vote="soft", tiling=None):
@@ -281,17 +299,58 @@ class Ensemble(torch.nn.Module):
         self.tiling = tiling
 
     def forward(self, images):
-        if self.tiling is not None:
-            return [self.combine([m.slide(image, self.tiling) for m in self.members]) for image in images]
         outputs = [m(images) for m in self.members]
         if torch.is_tensor(outputs[0]):
             return self.combine(outputs)
         return [self.combine(per_member) for per_member in zip(*outputs)]
 
+    def slide(self, image, summarise):
+        """One 3 x H x W image (on any device) -> summarise(its C x H x W probabilities), window by window.
+
+        MMSegmentation's slide inference: tiling.size x tiling.size windows of photo pixels cover the
+        image, the last one of each row and column aligned to the border; each window is predicted
+        as forward() predicts an image, and each member's overlapping probabilities are averaged
+        before the vote. Rows of windows go top to bottom, and the rows no later window reaches
+        are voted and summarised at once, so the probabilities held are a band of rows as high as
+        a window (per member, on the CPU), never the photo's; at most tiling.batch_size windows are
+        on tiling.device at once. `summarise` maps C x h x W probabilities to per-pixel maps (an
+        h x W tensor or a tuple of them); its bands are joined row-wise.
+        """
+        tiling, (height, width) = self.tiling, image.shape[-2:]
+        rows = window_spans(height, tiling.size, tiling.overlap)
+        columns = window_spans(width, tiling.size, tiling.overlap)
+        row_count, column_count = coverage(rows, height), coverage(columns, width)
+        bands = [BandSums(rows[0][1] - rows[0][0], width) for _ in self.members]
+        pieces = []
+
+        def summarise_rows(end):
+            count = row_count[bands[0].top:end, None] * column_count
+            maps = summarise(self.combine([band.rows_until(end).div_(count) for band in bands]))
+            single = torch.is_tensor(maps)
+            # a map may be a view of a band (one class's probabilities, say), which later rows reuse
+            pieces.append(tuple(m.clone() if any(b.holds(m) for b in bands) else m
+                                for m in ((maps,) if single else maps)))
+            for band in bands:
+                band.drop_rows_until(end)
+            return single
+
+        for y0, y1 in rows:
+            if y0 > bands[0].top:
+                summarise_rows(y0)
+            for start in range(0, len(columns), tiling.batch_size):
+                chunk = columns[start:start + tiling.batch_size]
+                windows = torch.stack([image[:, y0:y1, x0:x1] for x0, x1 in chunk]).to(tiling.device)
+                for member, band in zip(self.members, bands):
+                    for (x0, _), probs in zip(chunk, member(windows).float().cpu()):
+                        band.add(probs, y0, x0)
+        single = summarise_rows(height)
+        joined = tuple(torch.cat(maps, -2) for maps in zip(*pieces))
+        return joined[0] if single else joined
+
     def combine(self, member_probs):
         """The members' probabilities of one batch (N x C x H x W each) or one image (C x H x W) -> the vote's."""
         if self.vote == "soft" and len(member_probs) == 1:
-            return member_probs[0]  # no stacked copy: a tiled photo's probabilities can be large
+            return member_probs[0]  # no stacked copy
         probs = torch.stack(member_probs)
         mean = probs.mean(0)
         if self.vote == "soft":
@@ -313,18 +372,27 @@ def build_tta(args):
 
 
 # ---------------------------------------------------------------- prediction
-def unit_range_transform():
-    """Images as [0, 1] float tensors at their own size; each member resizes and normalises."""
-    return A.Compose([A.Normalize(mean=0.0, std=1.0), ToTensorV2()])
+def image_tensor_transform():
+    """Images as uint8 C x H x W tensors at their own size (a quarter of floats' memory); each member
+    converts, resizes and normalises them."""
+    return A.Compose([ToTensorV2()])
+
+
+def labels_of(probs):
+    """C x H x W class probabilities -> H x W uint8 labels (the most probable class)."""
+    return probs.argmax(0).byte()
 
 
 @torch.inference_mode()
-def predict(ensemble, loader, device, amp="off"):
-    """Yield (dataset index, float class probabilities C x H x W) in loader order, each at its image's size.
+def predict(ensemble, loader, device, amp="off", summarise=labels_of):
+    """Yield (dataset index, summarise(float class probabilities C x H x W)) in loader order.
 
-    The loader batches with dataset.collate_mixed: a batch tensor, or a list of images of different
-    sizes. Probabilities are on the device (on the CPU with tiling). An image a dataset could not
-    read (ImageFolderDataset gives its UserError instead) is yielded as that UserError.
+    The loader batches uint8 images with dataset.collate_mixed: a batch tensor, or a list of images
+    of different sizes. Each image's probabilities are at its own size and `summarise` maps them
+    to per-pixel maps (labels by default): only those are kept, which with tiling
+    (Ensemble.slide) bounds the memory by the window. The maps are on the device (on the CPU with
+    tiling). An image a dataset could not read (ImageFolderDataset gives its UserError instead)
+    is yielded as that UserError.
     """
     index = 0
     for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
@@ -333,37 +401,39 @@ def predict(ensemble, loader, device, amp="off"):
             errors = {i: image for i, image in enumerate(images) if isinstance(image, utils.UserError)}
             images = [image for image in images if not isinstance(image, utils.UserError)]
         batch_size = len(images) + len(errors)
-        if ensemble.tiling is None:  # with tiling, windows go to the device a few at a time
-            images = to_device(images, device)
         with utils.autocast(device, amp):
-            probs = iter(ensemble(images) if len(images) else [])
+            if ensemble.tiling is not None:  # the windows go to the device a few at a time
+                results = iter([ensemble.slide(image, summarise) for image in images])
+            else:
+                results = iter([summarise(probs.float()) for probs in ensemble(to_device(images, device))]
+                               if len(images) else [])
         for position in range(batch_size):
-            yield index, errors[position] if position in errors else next(probs).float()
+            yield index, errors[position] if position in errors else next(results)
             index += 1
 
 
 class DatasetPredictions:
-    """Iterate (index, image info, probabilities) over a dataset's images in order, as `predict` makes them.
+    """Iterate (index, image info, summarise(probabilities)) over a dataset's images in order, as `predict` makes them.
 
     Images that cannot be read are reported and left out; `skipped` counts them, with the files
     the dataset refused up front (ImageFolderDataset's `skipped`). The flags say the batch size,
     workers, device and --amp.
     """
 
-    def __init__(self, ensemble, dataset, args):
-        self.ensemble, self.dataset, self.args = ensemble, dataset, args
+    def __init__(self, ensemble, dataset, args, summarise=labels_of):
+        self.ensemble, self.dataset, self.args, self.summarise = ensemble, dataset, args, summarise
         self.skipped = len(getattr(dataset, "skipped", []))
 
     def __iter__(self):
         # sequential order: predict() maps batch positions back to dataset.images
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.args.batch_size,
                                              num_workers=self.args.workers, collate_fn=data.collate_mixed)
-        for index, prob in predict(self.ensemble, loader, self.args.device, self.args.amp):
-            if isinstance(prob, utils.UserError):
-                print(f"skipped: {prob}")
+        for index, result in predict(self.ensemble, loader, self.args.device, self.args.amp, self.summarise):
+            if isinstance(result, utils.UserError):
+                print(f"skipped: {result}")
                 self.skipped += 1
                 continue
-            yield index, self.dataset.images[index], prob
+            yield index, self.dataset.images[index], result
 
 
 def to_device(images, device):

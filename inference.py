@@ -118,15 +118,15 @@ def run_oof(args):
         if paint_order != first_order:
             print(f"warning: fold {run['fold']} paints the ground truth with {paint_order}, an earlier fold "
                   f"with {first_order}: the folds were trained differently; choose one with --paint-order")
-        dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", ensembles.unit_range_transform(),
+        dataset = data.SegmentationDataset(run["data_root"], run["all_json"], "val", ensembles.image_tensor_transform(),
                                            paint_order=paint_order, image_ids=val_ids,
                                            max_pixels=args.max_image_pixels)
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                                              collate_fn=data.collate_mixed)
         fold_confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
         accumulator = accumulator or new_report(args, class_names)
-        for index, prob in ensembles.predict(ensemble, loader, args.device, args.amp):
-            target, pred = dataset.label_mask(index), prob.argmax(0)
+        for index, pred in ensembles.predict(ensemble, loader, args.device, args.amp):
+            target = dataset.label_mask(index)
             fold_confusion.update(torch.from_numpy(target), pred)
             if accumulator is not None:
                 info = dataset.images[index]
@@ -146,7 +146,7 @@ def open_images(args, ensemble, class_names):
     if args.images:
         if args.eval:
             raise utils.UserError("--eval needs labels: use --json with a labelled json instead of --images")
-        dataset = data.ImageFolderDataset(args.images, ensembles.unit_range_transform(),
+        dataset = data.ImageFolderDataset(args.images, ensembles.image_tensor_transform(),
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path
     data.prepare_data_root(args.data_root)
@@ -154,7 +154,7 @@ def open_images(args, ensemble, class_names):
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, ensembles.expand_checkpoints(args.checkpoints), args.paint_order) \
         if args.eval else "area"
-    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=ensembles.unit_range_transform(),
+    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=ensembles.image_tensor_transform(),
                                        paint_order=paint_order, max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
     data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
@@ -172,8 +172,7 @@ def main(args):
     accumulator = new_report(args, class_names)
     rows = []
     predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
-    for index, info, prob in predictions:
-        mask = prob.argmax(0).byte()
+    for index, info, mask in predictions:
         target = dataset.label_mask(index) if args.eval else None
         if args.eval:
             confusion.update(torch.from_numpy(target), mask)

@@ -44,16 +44,18 @@ def get_args_parser():
 
 
 # ---------------------------------------------------------------- labels
-def pseudo_mask(probs, threshold):
-    """C x H x W class probabilities -> H x W uint8 labels, 255 where the top probability < threshold."""
-    check_threshold(threshold)
-    probs = torch.as_tensor(probs)
-    if probs.ndim != 3 or not 0 < probs.shape[0] < utils.IGNORE_INDEX:
-        raise ValueError(f"expected C x H x W probabilities with 1..{utils.IGNORE_INDEX - 1} classes, "
-                         f"got shape {tuple(probs.shape)}")
+def confidence_and_labels(probs):
+    """C x H x W class probabilities -> (top-class probability, uint8 labels), each H x W."""
     top, labels = probs.max(0)
-    labels[top < threshold] = utils.IGNORE_INDEX
-    return labels.to(torch.uint8).cpu().numpy()
+    return top, labels.byte()
+
+
+def pseudo_mask(confidence, labels, threshold):
+    """H x W top-class probabilities and labels -> H x W uint8 labels, 255 where the probability < threshold."""
+    check_threshold(threshold)
+    labels = torch.as_tensor(labels, dtype=torch.uint8).clone()
+    labels[torch.as_tensor(confidence) < threshold] = utils.IGNORE_INDEX
+    return labels.cpu().numpy()
 
 
 def check_threshold(threshold):
@@ -61,9 +63,9 @@ def check_threshold(threshold):
         raise utils.UserError(f"--threshold must be in [0, 1], not {threshold}")
 
 
-def confidence_histogram(probs):
+def confidence_histogram(confidence):
     """Pixels per bin of the top-class probability ([0, 1] in CONFIDENCE_BINS equal bins)."""
-    top = torch.as_tensor(probs).max(0).values.float()
+    top = torch.as_tensor(confidence).float()
     return torch.histc(top, bins=CONFIDENCE_BINS, min=0.0, max=1.0).cpu().numpy().astype(np.int64)
 
 
@@ -89,7 +91,7 @@ def check_kept_share(kept_share, histogram, threshold, allow):
 # ---------------------------------------------------------------- unlabelled sources
 def open_source(args, class_names):
     """(dataset of unlabelled images, its image-path function, the manifest's `source` record)."""
-    transform = ensembles.unit_range_transform()
+    transform = ensembles.image_tensor_transform()
     if args.image_dir:
         dataset = data.ImageFolderDataset([args.image_dir], transform, skip_dir=args.out,
                                           max_pixels=args.max_image_pixels)
@@ -130,13 +132,13 @@ def main(args):
     counts = np.zeros(256, dtype=np.int64)
     confidences = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
     items = []
-    predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
-    for _, info, prob in predictions:
-        mask = pseudo_mask(prob, args.threshold)
+    predictions = ensembles.DatasetPredictions(ensemble, dataset, args, summarise=confidence_and_labels)
+    for _, info, (confidence, labels) in predictions:
+        mask = pseudo_mask(confidence, labels, args.threshold)
         utils.atomic_write_png(os.path.join(args.out, data.pseudo_mask_name(info["file_name"])), mask, palette)
         image_counts = np.bincount(mask.ravel(), minlength=256)
         counts += image_counts
-        confidences += confidence_histogram(prob)
+        confidences += confidence_histogram(confidence)
         items.append({"file_name": info["file_name"], "image_id": info["id"],
                       "image": os.path.abspath(image_path(info)), "mask": data.pseudo_mask_name(info["file_name"]),
                       "kept": float(1 - image_counts[utils.IGNORE_INDEX] / mask.size)})

@@ -71,8 +71,8 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(self, rgb):
-        images = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device).float() / 255
-        return self.ensemble(images)[0].argmax(0).byte().cpu().numpy()
+        images = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
+        return ensembles.labels_of(self.ensemble(images)[0]).cpu().numpy()
 
     def describe(self, mask):
         """The classes in the mask, largest first: id, name, colour and share of the photo's pixels."""

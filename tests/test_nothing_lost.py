@@ -144,7 +144,7 @@ def test_no_checkpoint_in_a_fresh_interpreter_prints_no_traceback(root, tmp_path
 def test_threshold_keeping_reads_the_histogram():
     probs = torch.tensor([0.15, 0.25, 0.45, 0.55, 0.65, 0.85]).view(1, 2, 3)
     probs = torch.cat([probs, 1 - probs])  # two classes: top probability max(p, 1 - p)
-    histogram = pl.confidence_histogram(probs)  # tops 0.85 0.75 0.55 0.55 0.65 0.85
+    histogram = pl.confidence_histogram(pl.confidence_and_labels(probs)[0])  # tops 0.85 0.75 0.55 0.55 0.65 0.85
     assert histogram.sum() == 6
     assert pl.threshold_keeping(histogram, 0.5) == pytest.approx(0.75)  # keeps 0.75, 0.85, 0.85
     assert pl.threshold_keeping(histogram, 0.6) == pytest.approx(0.65, abs=1e-3)  # and 0.65

@@ -273,41 +273,89 @@ def test_collate_stacks_equal_sizes_and_lists_different_ones():
 
 
 # ---------------------------------------------------------------- tiling
-def tiny_member(image_size):
-    torch.manual_seed(0)
+def tiny_member(image_size, seed=0):
+    torch.manual_seed(seed)
     net = models.create_model("unet", "test_resnet", 3)
     checkpoint = {"model": "unet", "encoder": "test_resnet", "model_kwargs": {}, "num_classes": 3,
                   "image_size": image_size, "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": net.state_dict()}
     return ensembles.Member(checkpoint).eval()
 
 
-def test_window_boxes_cover_the_image_with_the_last_window_on_the_border():
-    assert ensembles.window_boxes((64, 64), 64, 1 / 3) == [(0, 64, 0, 64)]
-    boxes = ensembles.window_boxes((100, 150), 64, 0.25)  # stride 48
-    assert sorted({(y0, y1) for y0, y1, _, _ in boxes}) == [(0, 64), (36, 100)]
-    assert sorted({(x0, x1) for _, _, x0, x1 in boxes}) == [(0, 64), (48, 112), (86, 150)]
-    assert ensembles.window_boxes((40, 150), 64, 0.25)[0] == (0, 40, 0, 64)  # a short side is one window
+def test_window_spans_cover_the_side_with_the_last_window_on_the_border():
+    assert ensembles.window_spans(64, 64, 1 / 3) == [(0, 64)]
+    assert ensembles.window_spans(100, 64, 0.25) == [(0, 64), (36, 100)]  # stride 48, the last one moved back
+    assert ensembles.window_spans(150, 64, 0.25) == [(0, 64), (48, 112), (86, 150)]
+    assert ensembles.window_spans(40, 64, 0.25) == [(0, 40)]  # a short side is one window
+
+
+def tiled(members, tile, overlap, batch_size=4, vote="soft"):
+    return ensembles.Ensemble(members, vote, ensembles.Tiling(tile, overlap, batch_size, "cpu")).eval()
+
+
+def keep_probabilities(probs):
+    return probs
 
 
 @pytest.mark.parametrize("image_size,side", [(64, 64), (32, 80)])
 def test_one_window_the_size_of_the_image_gives_exactly_the_untiled_prediction(image_size, side):
     member = tiny_member(image_size)
     image = torch.rand(3, side, side, generator=torch.Generator().manual_seed(1))
-    tiling = ensembles.Tiling(size=side, overlap=1 / 3, batch_size=4, device="cpu")
     with torch.inference_mode():
-        assert torch.equal(member.slide(image, tiling), member(image[None])[0])
+        assert torch.equal(tiled([member], side, 1 / 3).slide(image, keep_probabilities), member(image[None])[0])
 
 
-def test_tiled_probabilities_average_the_overlapping_windows():
-    member = tiny_member(32)
-    image = torch.rand(3, 40, 56, generator=torch.Generator().manual_seed(2))
-    tiling = ensembles.Tiling(size=32, overlap=0.5, batch_size=2, device="cpu")
-    with torch.inference_mode():
-        tiled = member.slide(image, tiling)
-        total, count = torch.zeros_like(tiled), torch.zeros(40, 56)
-        for y0, y1, x0, x1 in ensembles.window_boxes((40, 56), 32, 0.5):
+def window_average(member, image, tile, overlap):
+    """Each window's probabilities summed where they fall, divided by how many windows hold each pixel."""
+    height, width = image.shape[-2:]
+    total, count = torch.zeros(3, height, width), torch.zeros(height, width)
+    for y0, y1 in ensembles.window_spans(height, tile, overlap):
+        for x0, x1 in ensembles.window_spans(width, tile, overlap):
             total[:, y0:y1, x0:x1] += member(image[None, :, y0:y1, x0:x1])[0]
             count[y0:y1, x0:x1] += 1
     assert count.min() >= 1 and count.max() > 1
-    torch.testing.assert_close(tiled, total / count)
-    torch.testing.assert_close(tiled.sum(0), torch.ones(40, 56))
+    return total / count
+
+
+@pytest.mark.parametrize("height,width,overlap", [(40, 56, 0.5), (100, 70, 1 / 3), (90, 33, 0.25)])
+def test_tiled_probabilities_average_the_overlapping_windows(height, width, overlap):
+    member = tiny_member(32)
+    image = torch.rand(3, height, width, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        probs = tiled([member], 32, overlap, batch_size=2).slide(image, keep_probabilities)
+        expected = window_average(member, image, 32, overlap)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(probs.sum(0), torch.ones(height, width))
+
+
+def test_tiling_summarises_bands_no_higher_than_a_window():
+    """The photo's full probabilities are never held: `summarise` sees bands of rows at most a window high."""
+    member, bands = tiny_member(32), []
+
+    def labels_and_top(probs):
+        bands.append(probs.shape[-2:])
+        return ensembles.labels_of(probs), probs.max(0).values
+
+    image = torch.randint(0, 256, (3, 150, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        labels, top = tiled([member], 32, 1 / 3).slide(image, labels_and_top)
+        expected = window_average(member, image.float() / 255, 32, 1 / 3)
+    assert len(bands) > 2 and all(h <= 32 and w == 70 for h, w in bands) and sum(h for h, _ in bands) == 150
+    assert labels.dtype == torch.uint8 and torch.equal(labels, expected.argmax(0).byte())
+    torch.testing.assert_close(top, expected.max(0).values)
+
+
+def test_tiled_hard_vote_counts_each_members_averaged_windows():
+    members = [tiny_member(32), tiny_member(32, seed=1)]
+    image = torch.rand(3, 50, 45, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        got = tiled(members, 32, 0.25, vote="hard").slide(image, keep_probabilities)
+        averages = [window_average(m, image, 32, 0.25) for m in members]
+    torch.testing.assert_close(got, ensembles.Ensemble(members, "hard").combine(averages))
+
+
+def test_members_take_uint8_images_as_their_unit_range_floats():
+    member = tiny_member(32)
+    image = torch.randint(0, 256, (2, 3, 40, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        torch.testing.assert_close(member(image), member(image.float() / 255), rtol=0, atol=0)
+        assert torch.equal(member([image[0]])[0], member(image[:1])[0])

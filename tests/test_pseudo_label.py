@@ -39,18 +39,22 @@ def test_pseudo_mask_keeps_confident_pixels_and_ignores_the_rest():
     probs = torch.tensor([[0.875, 0.5, 0.25, 1 / 3],
                           [0.0625, 0.375, 0.75, 1 / 3],
                           [0.0625, 0.125, 0.0, 1 / 3]]).reshape(3, 1, 4)
-    mask = pl.pseudo_mask(probs, 0.75)
+    confidence, labels = pl.confidence_and_labels(probs)
+    assert labels.dtype == torch.uint8 and labels.tolist() == [[0, 0, 1, 0]]
+    assert confidence.tolist() == [[0.875, 0.5, 0.75, pytest.approx(1 / 3)]]
+    mask = pl.pseudo_mask(confidence, labels, 0.75)
     assert mask.dtype == np.uint8 and mask.shape == (1, 4)
     assert mask.tolist() == [[0, IGNORE, 1, IGNORE]]  # >= threshold is kept
-    assert pl.pseudo_mask(probs, 0.0).tolist() == [[0, 0, 1, 0]]
-    assert pl.pseudo_mask(probs, 1.0).tolist() == [[IGNORE] * 4]
-    assert pl.pseudo_mask(probs.numpy(), 0.75).tolist() == mask.tolist()
+    assert pl.pseudo_mask(confidence, labels, 0.0).tolist() == [[0, 0, 1, 0]]
+    assert pl.pseudo_mask(confidence, labels, 1.0).tolist() == [[IGNORE] * 4]
+    assert pl.pseudo_mask(confidence.numpy(), labels.numpy(), 0.75).tolist() == mask.tolist()
+    assert labels.tolist() == [[0, 0, 1, 0]]  # the caller's labels are not overwritten
 
 
 @pytest.mark.parametrize("threshold", [-0.1, 1.5])
 def test_pseudo_mask_rejects_threshold_outside_unit_range(threshold):
     with pytest.raises(ValueError, match="threshold"):
-        pl.pseudo_mask(torch.full((2, 1, 1), 0.5), threshold)
+        pl.pseudo_mask(torch.full((1, 1), 0.5), torch.zeros((1, 1), dtype=torch.uint8), threshold)
 
 
 # ---------------------------------------------------------------- leak guard
@@ -108,8 +112,8 @@ class BrightIsCan(torch.nn.Module):
 
     tiling = None
 
-    def forward(self, images):
-        bright = (images.mean(1) > 0.5).float()
+    def forward(self, images):  # uint8 images, as the prediction datasets give them
+        bright = (images.float().mean(1) > 127.5).float()
         can = 0.95 * bright + 0.2 * (1 - bright)
         bottle = 0.6 * (1 - bright) + 0.03 * bright
         return torch.stack([1 - can - bottle, can, bottle], 1)

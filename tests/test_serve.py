@@ -50,7 +50,7 @@ def photo(demo_root):
 def expected_mask(checkpoint, rgb):
     """The label map inference.py's code predicts for an image: its ensemble on its [0, 1] tensor."""
     ensemble, _ = ensembles.load_ensemble([str(checkpoint)], "cpu")
-    image = ensembles.unit_range_transform()(image=rgb)["image"]
+    image = ensembles.image_tensor_transform()(image=rgb)["image"]
     with torch.inference_mode():
         return ensemble(image[None])[0].argmax(0).byte().numpy()
 
