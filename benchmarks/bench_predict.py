@@ -7,8 +7,9 @@
    by the one at git revision --old (default: main), loaded side by side from `git show` into a
    temporary folder, in alternating rounds; prints images/s of each and the ratio new/old.
 2. Huge photos: peak memory of predicting one WxH photo (--photo, default 4000x3000) with
-   --tile, --tile-batch-size windows at a time, against one tile-sized photo, each in its own process (CUDA: max allocated; CPU: peak
-   resident memory growth, sampled every millisecond), and the time per megapixel.
+   --tile, --tile-batch-size windows at a time, against one tile-sized photo, each in its own
+   process (CUDA: max allocated; CPU: peak resident memory growth, sampled every millisecond),
+   and the time per megapixel.
 
 Weights are random (speed and memory do not depend on them); --model/--encoder/--size choose the net.
 """
