@@ -323,16 +323,15 @@ class Ensemble(torch.nn.Module):
         bands = [BandSums(rows[0][1] - rows[0][0], width) for _ in self.members]
         pieces = []
 
+        def owned(map_):  # a map may be a view of a band (one class's probabilities, say), which later rows reuse
+            return map_.clone() if any(band.holds(map_) for band in bands) else map_
+
         def summarise_rows(end):
             count = row_count[bands[0].top:end, None] * column_count
             maps = summarise(self.combine([band.rows_until(end).div_(count) for band in bands]))
-            single = torch.is_tensor(maps)
-            # a map may be a view of a band (one class's probabilities, say), which later rows reuse
-            pieces.append(tuple(m.clone() if any(b.holds(m) for b in bands) else m
-                                for m in ((maps,) if single else maps)))
+            pieces.append(owned(maps) if torch.is_tensor(maps) else tuple(owned(m) for m in maps))
             for band in bands:
                 band.drop_rows_until(end)
-            return single
 
         for y0, y1 in rows:
             if y0 > bands[0].top:
@@ -343,9 +342,10 @@ class Ensemble(torch.nn.Module):
                 for member, band in zip(self.members, bands):
                     for (x0, _), probs in zip(chunk, member(windows).float().cpu()):
                         band.add(probs, y0, x0)
-        single = summarise_rows(height)
-        joined = tuple(torch.cat(maps, -2) for maps in zip(*pieces))
-        return joined[0] if single else joined
+        summarise_rows(height)
+        if torch.is_tensor(pieces[0]):
+            return torch.cat(pieces, -2)
+        return tuple(torch.cat(maps, -2) for maps in zip(*pieces))
 
     def combine(self, member_probs):
         """The members' probabilities of one batch (N x C x H x W each) or one image (C x H x W) -> the vote's."""
