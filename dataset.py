@@ -17,6 +17,8 @@ import glob
 import json
 import math
 import os
+import stat
+import struct
 
 import albumentations as A
 import cv2
@@ -41,7 +43,7 @@ CACHE_VERSION = 1  # bump when the way masks are painted changes
 MASK_PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1)
 BACKGROUND = "Background"  # label 0, added before the json's categories
 MAX_CATEGORIES = IGNORE_INDEX - 1  # labels 1..254 fit the uint8 masks; 255 stays "ignore"
-MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on images it reads
+OPENCV_MAX_SIDE, OPENCV_MAX_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on images it reads
 
 
 # ---------------------------------------------------------------- COCO json
@@ -176,9 +178,9 @@ class Coco:
             where = f"image {image_id}"
             height = self._integer(image, "height", where, positive=True)
             width = self._integer(image, "width", where, positive=True)
-            if max(height, width) > MAX_IMAGE_SIDE or height * width > MAX_IMAGE_PIXELS:
+            if max(height, width) > OPENCV_MAX_SIDE or height * width > OPENCV_MAX_PIXELS:
                 raise self._error(f"{where} is {width}x{height} (WxH), larger than OpenCV reads "
-                                  f"({MAX_IMAGE_SIDE} pixels a side, {MAX_IMAGE_PIXELS} in all)")
+                                  f"({OPENCV_MAX_SIDE} pixels a side, {OPENCV_MAX_PIXELS} in all)")
             name = image.get("file_name")
             if not isinstance(name, str) or not name:
                 raise self._error(f"{where} needs a file_name (a non-empty string), not {name!r}")
@@ -425,7 +427,7 @@ class MaskCache:
 # file would cost about 0.5 ms more per image (its header parsing in Python), which small images feel.
 MAX_IMAGE_PIXELS = 50_000_000  # about four 12-megapixel phone photos; scripts raise it with --max-image-pixels
 Image.MAX_IMAGE_PIXELS = None  # read_image's own limit replaces Pillow's global one, so a flag can raise it
-READER_VERSION = 2  # part of DecodedImageCache's keys: bump when the decoded pixels of a file change
+READER_VERSION = 3  # part of DecodedImageCache's keys: bump when the decoded pixels of a file change
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ORIENTATION_TAG = 0x0112
 ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -433,6 +435,10 @@ ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and he
 UNREADABLE_FORMATS = ((4, b"ftypheic", "HEIC"), (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"),
                       (4, b"ftypavif", "AVIF"), (0, b"%PDF", "PDF"), (0, b"PK\x03\x04", "ZIP"))
 WHITE = (255, 255, 255, 255)
+# a one-channel image's levels that map to 0..255: floats 0..1, integers (16-bit and 32-bit modes) 0..65535
+LEVEL_RANGES = {"F": ("floating-point", 1.0), "I": ("32-bit integer", 65535), "I;16": ("16-bit", 65535)}
+NOT_REGULAR_FILES = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
+                     stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 JpegLayout = collections.namedtuple("JpegLayout", "width height components complete")
 
@@ -440,12 +446,12 @@ JpegLayout = collections.namedtuple("JpegLayout", "width height components compl
 def read_image(path, expected_hw=None, max_pixels=MAX_IMAGE_PIXELS):
     """RGB uint8 H x W x 3 pixels as a person sees the photo: EXIF orientation applied, any mode converted.
 
-    Problems are errors naming the file: missing, empty, not an image, over `max_pixels`, truncated
-    or corrupt, or another size than `expected_hw` (the json's), saying whether EXIF rotation explains it.
+    Problems are errors naming the file: missing, not a regular file (or a link to none), empty, not an
+    image, over `max_pixels`, truncated or corrupt, levels outside their range (see `to_rgb`), or another
+    size than `expected_hw` (the json's), saying whether EXIF rotation explains it.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file {path} does not exist")
+    check_regular_file(path)
     with open(path, "rb") as f:
         rgb = decode_image(f.read(), path, max_pixels)
     if expected_hw is not None and rgb.shape[:2] != tuple(expected_hw):
@@ -481,9 +487,9 @@ def decode_with_pillow(contents, path, max_pixels):
         try:
             image.load()  # decodes; a cut file fails here
             ImageOps.exif_transpose(image, in_place=True)
-            return to_rgb(image)
         except (OSError, SyntaxError, ValueError) as err:
             raise UserError(f"image file {path} is truncated or corrupt ({err}): copy it again or remove it") from None
+        return to_rgb(image, path)
 
 
 def jpeg_layout(contents):
@@ -529,10 +535,11 @@ def jpeg_layout(contents):
 
 def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
     """The Pillow image of a file (header read, pixels not decoded), from `contents` when given; a
-    UserError naming the file when it is missing, empty, not an image Pillow reads, or over `max_pixels`."""
+    UserError naming the file when it is not a regular file, empty, not an image Pillow reads, or over
+    `max_pixels` (FileNotFoundError when it is missing)."""
     path = os.fspath(path)
-    if contents is None and not os.path.isfile(path):
-        raise FileNotFoundError(f"image file {path} does not exist")
+    if contents is None:
+        check_regular_file(path)
     if (len(contents) if contents is not None else os.path.getsize(path)) == 0:
         raise UserError(f"image file {path} is empty (0 bytes): copy it again or remove it")
     try:
@@ -547,6 +554,23 @@ def open_image(path, max_pixels=MAX_IMAGE_PIXELS, contents=None):
         image.close()
         raise
     return image
+
+
+def check_regular_file(path):
+    """FileNotFoundError when `path` is missing; a UserError naming it when it is not a regular file, so
+    that nothing else is ever opened (a named pipe would block forever) or is a link that leads nowhere."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise UserError(f"image file {path} is a broken symbolic link (its target {os.path.realpath(path)} "
+                            f"does not exist): fix or remove the link") from None
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except OSError as err:  # a symbolic link loop, a folder on the way that cannot be searched
+        raise UserError(f"image file {path} cannot be opened ({err.strerror}): fix or remove it") from None
+    if not stat.S_ISREG(mode):
+        kind = NOT_REGULAR_FILES.get(stat.S_IFMT(mode), "a special file")
+        raise UserError(f"image file {path} is {kind}, not a regular file: remove it or name an image file")
 
 
 class ImageTooLarge(UserError):
@@ -575,29 +599,74 @@ def _unreadable_reason(path, contents=None):
     for magic, name in ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG", "PNG")):
         if head.startswith(magic):
             return f"is a {name} whose header is truncated or corrupt: copy it again or remove it"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return ("is a TIFF that Pillow cannot read (e.g. floating-point colour, or a damaged header): "
+                "convert it to 8- or 16-bit RGB, or remove it")
     return "is not an image this toolkit can read (its bytes match no known format): convert it to JPEG or PNG, or remove it"
 
 
 def exif_orientation(image):
-    """The EXIF orientation tag of a Pillow image, 1 (as stored) when absent or not one of the 8 values."""
-    value = image.getexif().get(ORIENTATION_TAG, 1)
+    """The EXIF orientation tag of a Pillow image, 1 (as stored) when absent or not one of the 8 values.
+
+    Read without decoding pixels: Pillow's PNG reader decodes a whole PNG to look for an eXIf chunk
+    after the pixel data, so here the chunk list is walked instead.
+    """
+    if image.format == "PNG" and "exif" not in image.info and image.fp is not None:
+        body = png_chunk(image.fp, b"eXIf")
+        if body is not None:
+            image.info["exif"] = b"Exif\x00\x00" + body  # what Pillow's reader stores there after decoding
+        exif = Image.Image.getexif(image)  # the base class's: reads `info`, never the pixels
+    else:
+        exif = image.getexif()
+    value = exif.get(ORIENTATION_TAG, 1)
     return value if value in range(1, 9) else 1
 
 
-def to_rgb(image):
-    """A decoded Pillow image in any mode -> H x W x 3 uint8.
+def png_chunk(f, kind):
+    """The body of a PNG file's first `kind` chunk, None when absent or cut off: the chunks are walked by
+    their lengths (pixel data skipped, not read), and `f` is left where it was."""
+    start = f.tell()
+    try:
+        f.seek(8)  # the PNG signature
+        while len(head := f.read(8)) == 8:
+            length, name = struct.unpack(">I4s", head)
+            if name == kind:
+                body = f.read(length)
+                return body if len(body) == length else None
+            if name == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # the body and its CRC
+        return None
+    finally:
+        f.seek(start)
 
-    Transparency is laid over white, 16-bit levels are scaled to 8 bits (not clipped), palettes and
-    CMYK go through Pillow's conversion, greyscale is repeated in the three channels.
+
+def to_rgb(image, path):
+    """A decoded Pillow image in any mode -> H x W x 3 uint8 (`path` names it in messages).
+
+    Transparency is laid over white, palettes and CMYK go through Pillow's conversion, greyscale is
+    repeated in the three channels. Levels are scaled to 8 bits from their range, not clipped:
+    16-bit (and 32-bit integer) levels from 0..65535, floating-point ones (e.g. a float TIFF) from
+    0..1; levels outside that range are refused (a UserError), not guessed at.
     """
-    if image.mode.startswith("I"):  # 16-bit greyscale PNG ("I;16") or 32-bit integer levels
-        grey = np.round(np.clip(np.asarray(image, dtype=np.float32), 0, 65535) / 257).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
+    if image.mode[:4] in LEVEL_RANGES:  # "I;16B" and the other byte orders of "I;16" included
+        return np.repeat(scaled_levels(image, path)[..., None], 3, axis=2)
     if image.has_transparency_data:
         image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.array(image)  # a writable copy, as the transforms and torch.from_numpy want
+
+
+def scaled_levels(image, path):
+    """A one-channel image of 16-bit, 32-bit integer or floating-point levels -> uint8, scaled from its range."""
+    kind, top = LEVEL_RANGES[image.mode[:4]]
+    levels = np.asarray(image, dtype=np.float32)
+    low, high = levels.min(), levels.max()
+    if not (low >= 0 and high <= top):  # also false for NaN
+        raise UserError(f"image file {path} is a {kind} image with levels from {low:g} to {high:g}, outside 0..{top:g}: "
+                        f"save it as 8- or 16-bit (its levels scaled as they should be shown), or remove it")
+    return np.round(levels * np.float32(255 / top)).astype(np.uint8)
 
 
 def size_mismatch_message(path, shown_hw, expected_hw):
@@ -639,10 +708,10 @@ class DecodedImageCache:
 
     def read(self, path, expected_hw=None):
         try:
-            stat = os.stat(path)
-        except FileNotFoundError:
-            return read_image(path, expected_hw)  # raises the missing-file error
-        key = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}|{READER_VERSION}"
+            info = os.stat(path)
+        except OSError:
+            return read_image(path, expected_hw)  # raises the error that names the problem
+        key = f"{os.path.abspath(path)}|{info.st_size}|{info.st_mtime_ns}|{READER_VERSION}"
         cached = os.path.join(self.folder, hashlib.sha1(key.encode()).hexdigest()[:20] + ".npy")
         if os.path.isfile(cached):
             return np.load(cached)
@@ -753,17 +822,19 @@ def find_images(paths, skip_dir=None):
     """(absolute path, file name) of the images that files, folders (recursively) and globs name, sorted.
 
     A file is taken whatever its extension (its bytes decide); in folders, files with an image
-    extension. `skip_dir` (an output folder) is left out, so outputs never become inputs.
+    extension. `skip_dir` (an output folder) is left out, so outputs never become inputs. Entries
+    that are not regular files (named pipes, links that lead nowhere) are listed too: the reader
+    refuses them without opening them, so they are skipped and counted like any unreadable file.
     """
     skip = os.path.realpath(skip_dir) if skip_dir else None
     found = {}
     for pattern in paths:
         pattern = os.fspath(pattern)
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(os.path.exists(m) for m in matches):
+        if not matches or not all(os.path.lexists(m) for m in matches):
             raise UserError(f"{pattern} matches no file or folder")
         for match in matches:
-            if os.path.isfile(match):
+            if not os.path.isdir(match):
                 found.setdefault(os.path.abspath(match), os.path.basename(match))
                 continue
             for folder, subfolders, files in os.walk(match):

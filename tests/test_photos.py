@@ -1,13 +1,16 @@
 """Photos from the wild: one reader for every script (EXIF, modes, limits, JPEG checks), batching of mixed sizes, tiling."""
+import faulthandler
 import json
+import os
 import struct
+import sys
 import zlib
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 import dataset as data
 import ensemble as ensembles
@@ -144,13 +147,15 @@ def test_an_empty_file_is_named(tmp_path):
         data.read_image(str(tmp_path / "empty.png"))
 
 
+def png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_header_only(width, height):
     """A PNG that claims width x height in its header and holds no pixels: a decompression bomb's calling card."""
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(bytes(64)))
+            + png_chunk(b"IEND", b""))
 
 
 def test_the_pixel_limit_refuses_a_bomb_from_its_header_alone(tmp_path):
@@ -359,3 +364,134 @@ def test_members_take_uint8_images_as_their_unit_range_floats():
     with torch.inference_mode():
         torch.testing.assert_close(member(image), member(image.float() / 255), rtol=0, atol=0)
         assert torch.equal(member([image[0]])[0], member(image[:1])[0])
+
+
+# ---------------------------------------------------------------- files that are not regular, cut PNGs, levels
+@pytest.fixture
+def fails_if_blocked():
+    """Ends the run with a traceback if the test hangs (opening a named pipe waits for a writer forever)."""
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.__stderr__)  # stderr itself may be captured
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def write_unreadable_entries(folder):
+    """A readable photo, a symbolic link loop, a link to nothing, a named pipe and a PNG cut in its pixels."""
+    folder.mkdir()
+    Image.fromarray(STORED).save(folder / "ok.png")
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.symlink("gone.jpg", folder / "dangling.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "full.png")
+    full = (folder / "full.png").read_bytes()
+    (folder / "full.png").unlink()
+    (folder / "cut.png").write_bytes(full[:len(full) // 2])
+
+
+def test_links_to_nothing_and_pipes_are_skipped_unopened_and_a_cut_png_when_decoded(tmp_path, fails_if_blocked):
+    write_unreadable_entries(tmp_path / "photos")
+    folder = data.ImageFolderDataset([str(tmp_path / "photos")], data.build_transform("eval", None, 0, 1))
+    assert [info["file_name"] for info in folder.images] == ["cut.png", "ok.png"]
+    photos = tmp_path / "photos"
+    assert folder.skipped == [
+        f"image file {photos / 'dangling.jpg'} is a broken symbolic link (its target {photos / 'gone.jpg'} does "
+        f"not exist): fix or remove the link",
+        f"image file {photos / 'loop.jpg'} cannot be opened (Too many levels of symbolic links): fix or remove it",
+        f"image file {photos / 'pipe.jpg'} is a named pipe (FIFO), not a regular file: remove it or name an image file"]
+    error = folder[0][0]
+    assert isinstance(error, UserError) and "cut.png is truncated or corrupt (image file is truncated" in str(error)
+    assert tuple(folder[1][0].shape) == (3, 32, 48)
+
+
+def test_globs_and_named_files_take_links_to_nothing_and_pipes_as_unreadable_files(tmp_path, fails_if_blocked):
+    write_unreadable_entries(tmp_path / "photos")
+    photos = tmp_path / "photos"
+    found = data.find_images([str(photos / "*.jpg"), str(photos / "pipe.jpg"), str(photos / "ok.png")])
+    assert [name for _, name in found] == ["dangling.jpg", "loop.jpg", "ok.png", "pipe.jpg"]
+    folder = data.ImageFolderDataset([str(photos / "*.jpg"), str(photos / "ok.png")], data.build_transform("eval", None, 0, 1))
+    assert [info["file_name"] for info in folder.images] == ["ok.png"] and len(folder.skipped) == 3
+
+
+def test_inference_on_a_folder_counts_links_to_nothing_pipes_and_cut_pngs(
+        tmp_path, constant_checkpoint, run_inference, capsys, fails_if_blocked):
+    write_unreadable_entries(tmp_path / "photos")
+    checkpoint = constant_checkpoint(tmp_path / "constant.pt", 1)
+    run_inference("--checkpoints", checkpoint, "--images", tmp_path / "photos", "--output", tmp_path / "sub.csv")
+    out = capsys.readouterr().out
+    assert out.count("skipped: image file") == 4 and "(1 images; 4 unreadable file(s) skipped)" in out
+
+
+def png_with_exif_after_the_pixels(path, rgb, orientation):
+    """A PNG whose eXIf chunk follows its pixel data (the PNG specification allows it; Pillow writes it before)."""
+    exif = Image.Exif()
+    exif[data.ORIENTATION_TAG] = orientation
+    Image.fromarray(rgb).save(path, exif=exif)
+    contents, chunks, pos = path.read_bytes(), [], 8
+    while pos < len(contents):
+        length = struct.unpack(">I", contents[pos:pos + 4])[0]
+        chunks.append(contents[pos:pos + 12 + length])
+        pos += 12 + length
+    exif_chunk = next(chunk for chunk in chunks if chunk[4:8] == b"eXIf")
+    chunks.remove(exif_chunk)
+    path.write_bytes(contents[:8] + b"".join(chunks[:-1]) + exif_chunk + chunks[-1])  # before IEND
+
+
+def test_the_header_scan_of_a_png_decodes_no_pixels_and_finds_exif_after_them(tmp_path, monkeypatch):
+    noise = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "plain.png")
+    png_with_exif_after_the_pixels(tmp_path / "turned.png", noise, 6)
+    loads, real_load = [], ImageFile.ImageFile.load
+
+    def counting_load(image):
+        loads.append(image)
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    assert data.image_size(tmp_path / "plain.png") == (300, 200)
+    assert data.image_size(tmp_path / "turned.png") == (200, 300)
+    assert loads == []
+    assert np.array_equal(data.read_image(tmp_path / "turned.png"), np.rot90(noise, -1))  # the decoder agrees
+
+
+def test_a_float_tiff_of_0_to_1_is_scaled_to_8_bits(tmp_path):
+    Image.fromarray(np.array([[0, 0.25, 0.5, 1]], np.float32)).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    assert data.read_image(tmp_path / "float.tif")[0].tolist() == [[0] * 3, [64] * 3, [128] * 3, [255] * 3]
+
+
+@pytest.mark.parametrize("levels,message", [
+    (np.array([[0, 2.5, 300]], np.float32), "a floating-point image with levels from 0 to 300, outside 0..1"),
+    (np.array([[0, np.nan]], np.float32), "a floating-point image with levels from nan to nan, outside 0..1"),
+    (np.array([[-5, 70000]], np.int32), "a 32-bit integer image with levels from -5 to 70000, outside 0..65535")])
+def test_levels_outside_their_range_are_refused_not_clipped(tmp_path, levels, message):
+    Image.fromarray(levels).save(tmp_path / "levels.tif")
+    with pytest.raises(UserError, match=rf"levels\.tif is {message}: save it as 8- or 16-bit"):
+        data.read_image(tmp_path / "levels.tif")
+
+
+def test_16_bit_tiffs_of_either_byte_order_are_scaled_to_8_bits(tmp_path):
+    levels = np.array([[0, 100 * 257, 200 * 257, 65535]], np.uint16)
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2")):
+        Image.frombytes(mode, (4, 1), levels.astype(dtype).tobytes()).save(tmp_path / "deep.tif")
+        assert Image.open(tmp_path / "deep.tif").mode == mode
+        assert data.read_image(tmp_path / "deep.tif")[0, :, 0].tolist() == [0, 100, 200, 255]
+
+
+def test_a_tiff_pillow_cannot_read_is_named_as_a_tiff(tmp_path):
+    cv2.imwrite(str(tmp_path / "colour.tif"), np.full((4, 4, 3), 0.5, np.float32))  # floating-point RGB
+    with pytest.raises(UserError, match=r"colour\.tif is a TIFF that Pillow cannot read .*convert it to 8- or 16-bit"):
+        data.read_image(tmp_path / "colour.tif")
+
+
+def test_a_json_image_over_the_pixel_guard_is_not_refused_as_beyond_opencv(tmp_path):
+    write_coco(tmp_path, width=10_000, height=6_000)  # 60 megapixels: over the 50 MP guard, far within OpenCV
+    (tmp_path / "photo.jpg").write_bytes(png_header_only(10_000, 6_000))
+    dataset = data.SegmentationDataset(str(tmp_path), "test.json", "test")
+    with pytest.raises(UserError, match=r"photo\.jpg is 10000x6000 = 60\.0 megapixels, over the limit of 50 .*--max-"):
+        dataset[0]  # the guard, which --max-image-pixels raises, is what refuses it
+    assert data.SegmentationDataset(str(tmp_path), "test.json", "test", max_pixels=70_000_000).images[0]["width"] == 10_000
+    write_coco(tmp_path, width=40_000, height=30_000)
+    with pytest.raises(UserError, match=r"image 1 is 40000x30000 \(WxH\), larger than OpenCV reads \(1048576 pixels "
+                                        r"a side, 1073741824 in all\)"):
+        data.SegmentationDataset(str(tmp_path), "test.json", "test", max_pixels=2_000_000_000)
