@@ -664,8 +664,8 @@ def scaled_levels(image, path):
     levels = np.asarray(image, dtype=np.float32)
     low, high = levels.min(), levels.max()
     if not (low >= 0 and high <= top):  # also false for NaN
-        raise UserError(f"image file {path} is a {kind} image with levels from {low:g} to {high:g}, outside 0..{top:g}: "
-                        f"save it as 8- or 16-bit (its levels scaled as they should be shown), or remove it")
+        raise UserError(f"image file {path} is a {kind} image with levels from {low:g} to {high:g}, outside "
+                        f"0..{top:g}: save it as 8- or 16-bit (its levels scaled as they should be shown), or remove it")
     return np.round(levels * np.float32(255 / top)).astype(np.uint8)
 
 

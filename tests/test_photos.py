@@ -409,7 +409,8 @@ def test_globs_and_named_files_take_links_to_nothing_and_pipes_as_unreadable_fil
     photos = tmp_path / "photos"
     found = data.find_images([str(photos / "*.jpg"), str(photos / "pipe.jpg"), str(photos / "ok.png")])
     assert [name for _, name in found] == ["dangling.jpg", "loop.jpg", "ok.png", "pipe.jpg"]
-    folder = data.ImageFolderDataset([str(photos / "*.jpg"), str(photos / "ok.png")], data.build_transform("eval", None, 0, 1))
+    transform = data.build_transform("eval", None, 0, 1)
+    folder = data.ImageFolderDataset([str(photos / "*.jpg"), str(photos / "ok.png")], transform)
     assert [info["file_name"] for info in folder.images] == ["ok.png"] and len(folder.skipped) == 3
 
 
@@ -490,7 +491,8 @@ def test_a_json_image_over_the_pixel_guard_is_not_refused_as_beyond_opencv(tmp_p
     dataset = data.SegmentationDataset(str(tmp_path), "test.json", "test")
     with pytest.raises(UserError, match=r"photo\.jpg is 10000x6000 = 60\.0 megapixels, over the limit of 50 .*--max-"):
         dataset[0]  # the guard, which --max-image-pixels raises, is what refuses it
-    assert data.SegmentationDataset(str(tmp_path), "test.json", "test", max_pixels=70_000_000).images[0]["width"] == 10_000
+    raised = data.SegmentationDataset(str(tmp_path), "test.json", "test", max_pixels=70_000_000)
+    assert raised.images[0]["width"] == 10_000
     write_coco(tmp_path, width=40_000, height=30_000)
     with pytest.raises(UserError, match=r"image 1 is 40000x30000 \(WxH\), larger than OpenCV reads \(1048576 pixels "
                                         r"a side, 1073741824 in all\)"):
