@@ -358,8 +358,8 @@ def _lock_refusal(path, host, pid, flag):
     if host != _HOST:
         return (f"the run folder {folder} is in use by process {pid} on host {host} (lock file {path}): wait for "
                 f"that run to end, or delete the lock file if it is over; or pass another {flag}")
-    return (f"the run folder {folder} is in use by process {pid}, still running (lock file {path}): wait for it "
-            f"to end or stop it, or pass another {flag}")
+    return (f"the run folder {folder} is in use by process {pid} of this host (lock file {path}): wait for that "
+            f"run to end, or pass another {flag}; if process {pid} is no run (its pid reused), delete the lock file")
 
 
 # ---------------------------------------------------------------- command-line flags, device and mixed precision

@@ -88,8 +88,10 @@ def test_a_run_folder_in_use_is_refused(tiny_demo, run_train, tmp_path):
         write_lock(output, utils._HOST, holder.pid)
         with pytest.raises(utils.UserError) as refusal:
             run_train(tiny_demo, "--output", output, "--epochs", 1)
-        assert str(refusal.value) == (f"the run folder {output} is in use by process {holder.pid}, still running "
-                                      f"(lock file {lock}): wait for it to end or stop it, or pass another --output")
+        assert str(refusal.value) == (
+            f"the run folder {output} is in use by process {holder.pid} of this host (lock file {lock}): wait for "
+            f"that run to end, or pass another --output; if process {holder.pid} is no run (its pid reused), delete "
+            f"the lock file")
         assert os.listdir(output) == [utils.RUN_LOCK]  # nothing written, the holder's lock kept
     finally:
         holder.kill()
