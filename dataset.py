@@ -269,6 +269,29 @@ class Coco:
             print(f"{self.path}: {note}: {count}")
 
 
+def check_image_files(coco, images, max_pixels=MAX_IMAGE_PIXELS, shown=3):
+    """Stop before any training when an image of `images` (entries of `coco`) is missing, unreadable, over
+    `max_pixels`, or of another size than its json entry says: one error naming the json, the first `shown`
+    files and the count, instead of a crash when a loader reaches the image.
+
+    Sizes come from the file headers, EXIF orientation applied as read_image applies it: nothing is decoded.
+    """
+    problems = []
+    for image in images:
+        path, expected_hw = coco.image_path(image), (image["height"], image["width"])
+        try:
+            shown_hw = image_size(path, max_pixels)
+        except (FileNotFoundError, UserError) as err:
+            problems.append(str(err))
+            continue
+        if shown_hw != expected_hw:
+            problems.append(size_mismatch_message(path, shown_hw, expected_hw))
+    if problems:
+        more = f"; and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise UserError(f"{coco.path}: {len(problems)} of the {len(images)} images read from it are missing, "
+                        f"unreadable or not the size listed: " + "; ".join(problems[:shown]) + more)
+
+
 def check_same_classes(source, classes, reference, expected, fix="use the same categories (names and ids)"):
     """Refuse `source` unless its class list equals `reference`'s: its labels would mean other classes.
 

@@ -6,6 +6,7 @@
 With no --data-root the synthetic demo dataset is used (built on first use).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "sa
                     "preflight", "max_image_pixels")
 # what a run writes in its folder
 RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")
+DEFAULT_TRAIN_JSON, DEFAULT_VAL_JSON = "train.json", "val.json"
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
 
@@ -42,8 +44,8 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT,
                    help="dataset folder with the COCO jsons and images (default: the synthetic demo set)")
-    g.add_argument("--train-json", default="train.json", help="training json, relative to --data-root")
-    g.add_argument("--val-json", default="val.json", help="validation json, relative to --data-root")
+    g.add_argument("--train-json", default=DEFAULT_TRAIN_JSON, help="training json, relative to --data-root")
+    g.add_argument("--val-json", default=DEFAULT_VAL_JSON, help="validation json, relative to --data-root")
     g.add_argument("--fold", type=int, default=None,
                    help="k-fold mode: train and validate on fold K of --all-json instead of the two jsons")
     g.add_argument("--n-folds", type=utils.positive_int, default=5, help="number of folds for --fold")
@@ -135,7 +137,7 @@ def get_args_parser():
                    help="resume from a checkpoint (default: the run folder's last.pt)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run folder that holds a checkpoint: its run files "
-                        f"({', '.join(RUN_FILES)}) are deleted first")
+                        f"({', '.join(RUN_FILES)}) are deleted once the new run has passed its checks")
     g.add_argument("--val-every", type=utils.positive_int, default=1,
                    help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
@@ -179,6 +181,8 @@ def build_datasets(args, mean, std):
     for part in extra:
         data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
     check_no_val_images([train] + extra, val, args.strict)
+    for part in [train, val] + extra:
+        data.check_image_files(part.coco, part.images, args.max_image_pixels)
     if args.copy_paste_p > 0 or args.crop_rare:
         # the object bank comes from this run's own training images only
         train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
@@ -201,6 +205,17 @@ def extra_dataset(path, val, transform, common):
     path = os.path.abspath(path)
     keep = copy_paste.images_not_from(path, val)
     return data.SegmentationDataset(os.path.dirname(path), path, "train", transform, image_ids=keep, **common)
+
+
+def check_fold_flags(args):
+    """--fold reads --all-json alone: a --train-json or --val-json given with it would be ignored."""
+    given = [f"{flag} {value}" for flag, value, default in (("--train-json", args.train_json, DEFAULT_TRAIN_JSON),
+                                                           ("--val-json", args.val_json, DEFAULT_VAL_JSON))
+             if value != default]
+    if args.fold is not None and given:
+        raise utils.UserError(f"--fold splits --all-json ({args.all_json}) into training and validation images, so "
+                              f"{' and '.join(given)} would be ignored: drop --train-json/--val-json to train on "
+                              f"the fold, or drop --fold to train on those jsons")
 
 
 def check_jsons(args):
@@ -382,17 +397,32 @@ def preflight(model, train_set, val_set, criterion, num_classes, args, rank, wor
     """Read one training batch and validate on two val batches before training starts, so a data,
     shape or class-list problem surfaces in seconds, not after the first epoch."""
     start = time.time()
-    batch = [train_set[(index, 0)] for index in range(min(args.batch_size, len(train_set)))]
-    torch.utils.data.default_collate(batch)
     # the same number on every process, as evaluate()'s collectives need
     val_indices = list(range(rank, len(val_set), world_size))[:min(2 * args.batch_size, len(val_set) // world_size)]
-    # its own generator: a loader without one draws its seed from the global RNG, which resume restores
-    loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
-                                         collate_fn=data.collate_mixed, generator=torch.Generator())
-    evaluate(model, loader, criterion, num_classes, args, rank)
+    try:
+        batch = [train_set[(index, 0)] for index in range(min(args.batch_size, len(train_set)))]
+        torch.utils.data.default_collate(batch)
+        # its own generator: a loader without one draws its seed from the global RNG, which resume restores
+        loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
+                                             collate_fn=data.collate_mixed, generator=torch.Generator())
+        evaluate(model, loader, criterion, num_classes, args, rank)
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not out_of_memory(err):
+            raise
+        raise utils.UserError(f"out of memory on {args.device} in the preflight at --size {args.size} with "
+                              f"--batch-size {args.batch_size}: pass a smaller --size or --batch-size (--accum-steps "
+                              f"N keeps the batch per optimizer step)") from None
     if rank == 0:
         print(f"preflight passed in {time.time() - start:.1f} s: one training batch read, "
               f"{len(val_indices)} val image(s) validated (--no-preflight skips this)")
+
+
+CPU_OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def out_of_memory(err):
+    """Whether `err` is an accelerator's or the CPU allocator's out-of-memory error."""
+    return isinstance(err, torch.OutOfMemoryError) or any(text in str(err) for text in CPU_OUT_OF_MEMORY)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -430,10 +460,9 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
     }
 
 
-def restore(state, checkpoint, class_names, args, source="checkpoint"):
-    """Continue from `checkpoint`; another class list or model is an error naming both."""
-    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
-                            fix="resume with the run's own --data-root, or drop --resume and pass another --output")
+def check_resumable(checkpoint, args, source="checkpoint"):
+    """Before anything is built: another model, model options or optimizer is an error naming both,
+    since the checkpoint's weights or optimizer state would not fit this run's."""
     if (checkpoint["model"], checkpoint["encoder"]) != (args.model, models.resolve_encoder(args.encoder)):
         raise utils.UserError(f"{source} is {checkpoint['model']}/{checkpoint['encoder']}, this run is "
                               f"{args.model}/{models.resolve_encoder(args.encoder)}: resume with the run's own "
@@ -441,6 +470,17 @@ def restore(state, checkpoint, class_names, args, source="checkpoint"):
     if checkpoint["model_kwargs"] != model_options(args):
         raise utils.UserError(f"{source} has model options {checkpoint['model_kwargs']}, this run "
                               f"{model_options(args)}: resume with the run's own model flags")
+    optimizer = checkpoint["args"].get("optimizer", args.optimizer)
+    if optimizer != args.optimizer:
+        raise utils.UserError(f"{source} was trained with --optimizer {optimizer}, this run asks for "
+                              f"--optimizer {args.optimizer}, whose state the checkpoint lacks: resume with "
+                              f"--optimizer {optimizer}, or drop --resume and pass another --output")
+
+
+def restore(state, checkpoint, class_names, source="checkpoint"):
+    """Continue from `checkpoint` (check_resumable passed); another class list is an error naming both."""
+    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
+                            fix="resume with the run's own --data-root, or drop --resume and pass another --output")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
         state[key].load_state_dict(checkpoint[key])
@@ -540,24 +580,26 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
     }
 
 
+@contextlib.contextmanager
 def claim_output(args, rank, world_size):
-    """Stop before anything is built when a new run would replace a run's checkpoints unasked.
+    """Hold the run folder while the block runs; stop before anything is built when this run would replace
+    a run's checkpoints unasked, or when another process writes the folder.
 
-    Rank 0 looks at the folder (checkpoints live on its disk) and every rank stops with its verdict.
-    With --overwrite, rank 0 deletes the old run's files so the folder holds the new run alone.
+    Rank 0 locks the folder and looks at it (checkpoints live on its disk); every rank stops with its verdict.
     """
-    verdict = [output_refusal(args) if rank == 0 else None]
-    if world_size > 1:
-        dist.broadcast_object_list(verdict, src=0)
-    if verdict[0]:
-        raise utils.UserError(verdict[0])
-    if args.overwrite and rank == 0:
-        for name in RUN_FILES:
-            path = os.path.join(args.output, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+    with contextlib.ExitStack() as lock:
+        verdict = [None]
+        if rank == 0:
+            try:
+                lock.enter_context(utils.run_folder_lock(args.output))
+                verdict[0] = output_refusal(args)
+            except utils.UserError as err:  # told to every rank, so none waits for rank 0
+                verdict[0] = str(err)
+        if world_size > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise utils.UserError(verdict[0])
+        yield
 
 
 def output_refusal(args):
@@ -572,15 +614,48 @@ def output_refusal(args):
         return f"--resume: {args.output} holds no last.pt to continue; drop --resume to start a new run there"
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         return f"--resume {args.resume}: no such checkpoint; pass a last.pt path, or --resume alone for {args.output}"
+    # a run folder holds one run: a checkpoint of another folder may only start a branch in a folder without one
+    if held and args.resume not in (None, "auto"):
+        resumed_folder = os.path.dirname(os.path.abspath(args.resume))
+        if not os.path.samefile(resumed_folder, args.output):
+            return (f"--resume {args.resume} is a checkpoint of the run in {resumed_folder}, but --output "
+                    f"{args.output} holds another run ({', '.join(held)}) whose checkpoints and metrics it would "
+                    f"replace: pass --output {resumed_folder} to continue that run, or an --output without a run "
+                    f"to branch off it")
     return None
 
 
+def start_run_folder(args):
+    """Once the run has passed its checks (rank 0): --overwrite's deletion of the old run's files, then
+    args.json and the TensorBoard writer, so a run refused or failed before this leaves the folder as it was."""
+    if args.overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(args.output, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+    utils.atomic_write_json(os.path.join(args.output, "args.json"), vars(args))
+    return SummaryWriter(os.path.join(args.output, "tb"))
+
+
 def main(args):
+    check_fold_flags(args)
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"
     args.output = args.output or default_output(args)
-    claim_output(args, rank, world_size)
+    with claim_output(args, rank, world_size):
+        return run_training(args, rank, world_size, local_rank)
+
+
+def run_training(args, rank, world_size, local_rank):
+    """Checks, build, preflight, then the epochs, in a run folder claim_output holds."""
+    checkpoint = None
+    if args.resume:
+        resume_path = os.path.join(args.output, utils.LAST_CHECKPOINT) if args.resume == "auto" else args.resume
+        checkpoint = utils.load_checkpoint(resume_path, required_keys=RESUME_KEYS)
+        check_resumable(checkpoint, args, source=resume_path)
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = not args.deterministic
@@ -599,21 +674,17 @@ def main(args):
     state = build_state(args, model, train_set, len(class_names), steps_per_epoch)
     optimizer = state["optimizer"]
     start_epoch, start_step = 0, 0
-    if args.resume:
-        path = os.path.join(args.output, utils.LAST_CHECKPOINT) if args.resume == "auto" else args.resume
-        checkpoint = utils.load_checkpoint(path, required_keys=RESUME_KEYS)
-        start_epoch, start_step = restore(state, checkpoint, class_names, args, source=path)
+    if checkpoint is not None:
+        start_epoch, start_step = restore(state, checkpoint, class_names, source=resume_path)
         if rank == 0:
-            print(f"resumed from {path} at epoch {start_epoch}, step {start_step}")
+            print(f"resumed from {resume_path} at epoch {start_epoch}, step {start_step}")
             changes = changed_args(checkpoint["args"], args)
             if changes:
                 print("warning: these arguments differ from the interrupted run's, so the resumed run will not "
                       "match an uninterrupted one: " + "; ".join(changes))
-    writer = None
-    if rank == 0:
-        os.makedirs(args.output, exist_ok=True)
-        utils.atomic_write_json(os.path.join(args.output, "args.json"), vars(args))
-        writer = SummaryWriter(os.path.join(args.output, "tb"))
+    if args.preflight:
+        preflight(state["model"], train_mix, val_set, state["criterion"], len(class_names), args, rank, world_size)
+    writer = start_run_folder(args) if rank == 0 else None
     history_path = os.path.join(args.output, "metrics.json")
     history = earlier_history(history_path, start_epoch) if rank == 0 else []
 
@@ -631,14 +702,13 @@ def main(args):
                 and step % args.accum_steps == 0 and step < batches_per_epoch:
             save(utils.LAST_CHECKPOINT, epoch, step)
 
-    if args.preflight:
-        preflight(state["model"], train_mix, val_set, state["criterion"], len(class_names), args, rank, world_size)
     start = time.time()
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
             train_one_epoch(state, train_loader, epoch, start_step, batches_per_epoch, args, rank, on_step)
             start_step = 0
+            save(utils.LAST_CHECKPOINT, epoch + 1, 0)  # before validating, so a failed validation keeps the epoch
             if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
                 panels = []
                 scores = evaluate(state["model"], val_loader, state["criterion"], len(class_names), args, rank, panels)
@@ -649,7 +719,7 @@ def main(args):
                 if scores["miou"] > state["best_miou"]:
                     state["best_miou"] = scores["miou"]
                     save(utils.BEST_CHECKPOINT, epoch + 1, 0)
-            save(utils.LAST_CHECKPOINT, epoch + 1, 0)
+                    save(utils.LAST_CHECKPOINT, epoch + 1, 0)  # the new best mIoU, which a resumed run compares with
     except NonFiniteTraining as err:
         last = os.path.join(args.output, utils.LAST_CHECKPOINT)
         kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"

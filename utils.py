@@ -294,6 +294,74 @@ def _refusal_reason(err):
     return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
 
 
+RUN_LOCK = "run.lock"  # in a run folder while a process writes it: {"host": ..., "pid": ...}
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder, flag="--output"):
+    """Hold `folder`'s lock file while the block runs, so that two processes never write one run folder.
+
+    The lock file is created atomically (O_EXCL) and names its holder's host and pid. A lock left by a
+    process of this host that is no longer alive (killed, crashed) is taken over with a message; one of a
+    live process, or of another host (whose processes this one cannot see), is a UserError naming it and
+    `flag`. A folder made for the lock alone is removed with it, so a refused run leaves nothing behind.
+    """
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, RUN_LOCK)
+    try:
+        _create_lock(path, flag)
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: the run wrote its files there
+                os.rmdir(folder)
+
+
+def _create_lock(path, flag):
+    for attempt in range(2):  # a dead holder's lock is removed, then created afresh once
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE)
+        except FileExistsError:
+            host, pid = _lock_holder(path)
+            if attempt or host != _HOST or _process_alive(pid):
+                raise UserError(_lock_refusal(path, host, pid, flag)) from None
+            print(f"taking over the lock {path} of process {pid}, which is no longer running (killed or crashed)")
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": _HOST, "pid": os.getpid()}, f)
+        return
+
+
+def _lock_holder(path):
+    """(host, pid) a lock file names; (None, None) when it names none (being written, or not ours)."""
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        host, pid = holder["host"], holder["pid"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, None
+    return (host, pid) if isinstance(host, str) and isinstance(pid, int) and pid > 0 else (None, None)
+
+
+def _lock_refusal(path, host, pid, flag):
+    folder = os.path.dirname(path)
+    if host is None:
+        return (f"the run folder {folder} holds a lock file {path} that names no process: delete it if no run "
+                f"is writing there, or pass another {flag}")
+    if host != _HOST:
+        return (f"the run folder {folder} is in use by process {pid} on host {host} (lock file {path}): wait for "
+                f"that run to end, or delete the lock file if it is over; or pass another {flag}")
+    return (f"the run folder {folder} is in use by process {pid} of this host (lock file {path}): wait for that "
+            f"run to end, or pass another {flag}; if process {pid} is no run (its pid reused), delete the lock file")
+
+
 # ---------------------------------------------------------------- command-line flags, device and mixed precision
 def positive_int(text):
     """argparse type: an integer of at least 1."""
