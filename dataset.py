@@ -43,6 +43,7 @@ CACHE_VERSION = 1  # bump when the way masks are painted changes
 MASK_PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1)
 BACKGROUND = "Background"  # label 0, added before the json's categories
 MAX_CATEGORIES = IGNORE_INDEX - 1  # labels 1..254 fit the uint8 masks; 255 stays "ignore"
+MAX_IMAGE_PIXELS = 50_000_000  # about four 12-megapixel phone photos; scripts raise it with --max-image-pixels
 OPENCV_MAX_SIDE, OPENCV_MAX_PIXELS = 1 << 20, 1 << 30  # OpenCV's own limits on images it reads
 
 
@@ -448,7 +449,6 @@ class MaskCache:
 # the PNG it is), reads the size from the header, applies EXIF orientation (ImageOps.exif_transpose)
 # and converts each mode (16-bit, palette or alpha transparency, CMYK) explicitly. Pillow for every
 # file would cost about 0.5 ms more per image (its header parsing in Python), which small images feel.
-MAX_IMAGE_PIXELS = 50_000_000  # about four 12-megapixel phone photos; scripts raise it with --max-image-pixels
 Image.MAX_IMAGE_PIXELS = None  # read_image's own limit replaces Pillow's global one, so a flag can raise it
 READER_VERSION = 3  # part of DecodedImageCache's keys: bump when the decoded pixels of a file change
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
