@@ -811,18 +811,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, transform, skip_dir=None, max_pixels=MAX_IMAGE_PIXELS):
         self.transform, self.max_pixels = transform, max_pixels
-        self.images, self.skipped = [], []
-        for path, file_name in find_images(paths, skip_dir):
-            try:
-                image_size(path, max_pixels)
-            except UserError as err:
-                self.skipped.append(str(err))
-                continue
-            self.images.append({"id": None, "file_name": file_name, "path": path})
-        for reason in self.skipped:
-            print(f"skipped: {reason}")
-        if not self.images:
-            raise UserError(f"no readable {'/'.join(IMAGE_EXTENSIONS)} image in {' '.join(map(str, paths))}")
+        self.images, self.skipped = readable_images(find_images(paths, skip_dir), max_pixels, paths)
         check_unique_stems(info["file_name"] for info in self.images)
 
     @staticmethod
@@ -839,6 +828,26 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         except UserError as err:
             return err, info["file_name"]
         return self.transform(image=image)["image"], info["file_name"]
+
+
+def readable_images(found, max_pixels, paths):
+    """(image records, reasons skipped) of the (path, file name) pairs whose headers read within the limit.
+
+    Each skipped file is printed; none readable is an error naming `paths`, what the user gave.
+    """
+    images, skipped = [], []
+    for path, file_name in found:
+        try:
+            image_size(path, max_pixels)
+        except UserError as err:
+            skipped.append(str(err))
+            continue
+        images.append({"id": None, "file_name": file_name, "path": path})
+    for reason in skipped:
+        print(f"skipped: {reason}")
+    if not images:
+        raise UserError(f"no readable {'/'.join(IMAGE_EXTENSIONS)} image in {' '.join(map(str, paths))}")
+    return images, skipped
 
 
 def find_images(paths, skip_dir=None):
@@ -898,36 +907,49 @@ def _stackable(field):
     return len({x.shape for x in field}) == 1
 
 
+class FileIndex:
+    """Files to compare others with: by resolved path, and by content through their byte sizes, so
+    that a file is hashed only when its size equals one of theirs (cheap: sizes rarely agree by chance).
+    Missing files match by path alone; reading them is left to the image reader."""
+
+    def __init__(self, paths):
+        self.paths = {os.path.realpath(path) for path in paths}
+        self.by_size = collections.defaultdict(list)
+        for path in self.paths:
+            if os.path.isfile(path):
+                self.by_size[os.path.getsize(path)].append(path)
+        self._digests = {}
+
+    def holds_path(self, path):
+        return os.path.realpath(path) in self.paths
+
+    def holds_bytes(self, path):
+        if not os.path.isfile(path):
+            return False
+        return any(self._digest(path) == self._digest(other) for other in self.by_size.get(os.path.getsize(path), []))
+
+    def _digest(self, path):
+        path = os.path.realpath(path)
+        if path not in self._digests:
+            with open(path, "rb") as f:
+                self._digests[path] = hashlib.file_digest(f, "sha1").hexdigest()
+        return self._digests[path]
+
+
 def image_overlap(train_sets, val_set):
     """How many `val_set` images also appear in `train_sets`, by each kind of match.
 
     Returns {"file name": n, "resolved path": n, "content": n, "same file": n}; "same
-    file" counts images that are one file (resolved path) or identical bytes. Content
-    is hashed only for files whose byte size equals a training file's: cheap, as
-    sizes rarely agree by chance. Missing files are left to the image reader.
+    file" counts images that are one file (resolved path) or identical bytes.
     """
     def files(dataset):
-        return [(info["file_name"], os.path.realpath(dataset.coco.image_path(info))) for info in dataset.images]
+        return [(info["file_name"], dataset.coco.image_path(info)) for info in dataset.images]
 
     train = [entry for dataset in train_sets for entry in files(dataset)]
-    names, paths = {name for name, _ in train}, {path for _, path in train}
-    by_size = collections.defaultdict(list)
-    for path in paths:
-        if os.path.isfile(path):
-            by_size[os.path.getsize(path)].append(path)
-    digests = {}
-
-    def digest(path):
-        if path not in digests:
-            with open(path, "rb") as f:
-                digests[path] = hashlib.file_digest(f, "sha1").hexdigest()
-        return digests[path]
-
+    names, index = {name for name, _ in train}, FileIndex(path for _, path in train)
     counts = collections.Counter()
     for name, path in files(val_set):
-        same_path = path in paths
-        same_size = by_size.get(os.path.getsize(path), []) if os.path.isfile(path) else []
-        same_bytes = any(digest(path) == digest(other) for other in same_size)
+        same_path, same_bytes = index.holds_path(path), index.holds_bytes(path)
         counts["file name"] += name in names
         counts["resolved path"] += same_path
         counts["content"] += same_bytes
