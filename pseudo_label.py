@@ -39,7 +39,7 @@ def get_args_parser():
                    help="keep a pixel when its top class probability is at least this; others become 255")
     p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
     p.add_argument("--allow-low-keep", action="store_true",
-                   help=f"write the manifest even when less than {MIN_KEPT_SHARE:.0%} of the pixels are kept")
+                   help=f"write the manifest even when less than {100 * MIN_KEPT_SHARE:.0f}%% of the pixels are kept")
     return p
 
 
