@@ -271,27 +271,44 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, map_location="cpu", required_keys=()):
     """Load a checkpoint of plain data only: arbitrary pickled objects are refused.
 
-    A file without `required_keys` (a state dict some other program wrote) is an error naming them.
+    A missing, empty, cut-short or foreign file, one holding other objects, and one without
+    `required_keys` (a state dict some other program wrote) are UserErrors naming the file.
     """
+    fix = "pass a best.pt or last.pt that train.py wrote"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist: {fix}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): copy it again, or {fix}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"checkpoint {path} cannot be loaded safely: {_refusal_reason(err)}; only tensors "
-                         f"and plain data are read, since unpickling anything else can run code") from None
+        reason = _refusal_reason(err)
+        if reason is None:
+            raise _unreadable(path, err, fix) from None
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}; only tensors and plain data are read, "
+                        f"since unpickling anything else can run code: {fix}") from None
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a torch checkpoint): {err}") from err
+        raise _unreadable(path, err, fix) from None
     missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}: it was not written by train.py")
+        bare = isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        what = "a bare state dict (weights without their model's description)" if bare else "not a train.py checkpoint"
+        raise UserError(f"checkpoint {path} lacks {missing}: it is {what}; {fix}")
     return checkpoint
 
 
+def _unreadable(path, err, fix):
+    """The error for a file torch cannot read: its first sentence only (torch's advice would follow)."""
+    detail = ": ".join(filter(None, [type(err).__name__, str(err).split("\n")[0].split(". ")[0].strip()]))
+    return UserError(f"checkpoint {path} cannot be read: it is cut short or not a torch checkpoint ({detail}); "
+                     f"copy it again, or {fix}")
+
+
 def _refusal_reason(err):
-    """What torch's weights_only unpickler refused, without its advice to load the file unsafely."""
+    """What torch's weights_only unpickler refused, without its advice to load the file unsafely; None when
+    the error is not such a refusal (a file that is no pickle at all)."""
     _, marker, reason = str(err).partition("WeightsUnpickler error:")
-    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
+    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else None
 
 
 # ---------------------------------------------------------------- command-line flags, device and mixed precision
