@@ -6,6 +6,7 @@ This module imports nothing of the toolkit's own, so every other file may use it
 import argparse
 import contextlib
 import json
+import math
 import os
 import pickle
 import random
@@ -320,12 +321,47 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def available_device(text):
+    """argparse type: a torch device name that this machine has (cuda, cuda:N need a GPU and GPU N).
+
+    Returns the name itself, so args stay plain data.
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here: pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    return text
+
+
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_device_args(parser, amp_help="mixed precision"):
     """--device (default: cuda when there is one) and, unless amp_help is None, --amp."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     if amp_help is not None:
         parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help=amp_help)
 

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import inference
+import serve
+import train
 from utils import (ConfusionMatrix, UserError, atomic_open, class_palette, colorize, format_class_table,
                    load_checkpoint, overlay, overlay_panel, read_submission, resize_for_submission, save_checkpoint,
                    scores_from_confusion, write_submission)
@@ -281,6 +284,40 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded["model"]["conv.weight"], state["model"]["conv.weight"])
     assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
     assert os.listdir(path.parent) == ["last.pt"]
+
+
+# ---------------------------------------------------------------- command-line flags
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "argument --lr: must be a number above 0, got 0"),
+    ("--lr", "-0.001", "argument --lr: must be a number above 0, got -0.001"),
+    ("--lr", "nan", "argument --lr: must be a number above 0, got nan"),
+    ("--workers", "-1", "argument --workers: must be 0 or more, got -1"),
+])
+def test_train_refuses_bad_numbers_before_any_work(flag, value, message, capsys):
+    parser = train.get_args_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([flag, value])
+    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: {message}"
+    assert train.get_args_parser().parse_args(["--workers", "0", "--lr", "5e-4"]).lr == 5e-4
+
+
+@pytest.mark.parametrize("gpus, device, message", [
+    (0, "cuda", "cuda: no CUDA GPU is available here: pass --device cpu"),
+    (0, "cuda:1", "cuda:1: no CUDA GPU is available here: pass --device cpu"),
+    (2, "cuda:2", "cuda:2: this machine has 2 CUDA GPU(s), cuda:0..cuda:1"),
+    (0, "gpu", "'gpu' is not a torch device: pass cpu, cuda or cuda:N"),
+])
+def test_device_flag_refuses_a_gpu_this_machine_lacks(gpus, device, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for parser in (train.get_args_parser(), inference.get_args_parser(), serve.get_args_parser()):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--device", device])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: argument --device: {message}"
+    assert train.get_args_parser().parse_args(["--device", "cpu"]).device == "cpu"
+    if gpus:
+        assert train.get_args_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
 
 
 # ---------------------------------------------------------------- palette
