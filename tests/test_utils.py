@@ -260,7 +260,8 @@ def saved_then_cut(path, keep):
                                              "PytorchStreamReader failed reading zip archive: failed finding central "
                                              "directory); copy it again, or pass a best.pt or last.pt that train.py "
                                              "wrote"),
-    (lambda path: path.write_text("hello world"), "cannot be read: it is cut short or not a torch checkpoint (KeyError"),
+    (lambda path: path.write_text("hello world"),
+     "cannot be read: it is cut short or not a torch checkpoint (KeyError"),
     (lambda path: torch.save({"conv.weight": torch.zeros(1)}, path),
      "lacks ['model', 'state_dict']: it is a bare state dict (weights without their model's description); pass a "
      "best.pt or last.pt that train.py wrote"),
@@ -297,7 +298,8 @@ def test_train_refuses_bad_numbers_before_any_work(flag, value, message, capsys)
     parser = train.get_args_parser()
     with pytest.raises(SystemExit) as stop:
         parser.parse_args([flag, value])
-    assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: {message}"
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: {message}"
     assert train.get_args_parser().parse_args(["--workers", "0", "--lr", "5e-4"]).lr == 5e-4
 
 
