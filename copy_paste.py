@@ -80,8 +80,12 @@ class ObjectBank:
 
     @classmethod
     def for_dataset(cls, dataset, classes=None, cache_dir=DEFAULT_CACHE_DIR):
-        """The bank of `classes` (names; None: the rarest two) over the dataset's own images, cached."""
-        names = data.parse_classes(classes) or data.rarest_classes(dataset)
+        """The bank of `classes` (names; None: the rarest two) over the dataset's own images, cached.
+
+        Each class named must have objects there; of the rarest two, one is enough.
+        """
+        named = data.parse_classes(classes)
+        names = named or data.rarest_classes(dataset)
         labels = _labels_of(names, dataset)
         paint_order = dataset.paint_order
         image_ids = sorted(image["id"] for image in dataset.images)
@@ -93,9 +97,9 @@ class ObjectBank:
             bank = cls(cut_out_objects(dataset, labels, paint_order), dataset.class_names)
             if len(bank):
                 save_bank(path, bank)
-        if not len(bank):
-            raise ValueError(f"no objects of classes {names} (of at least {MIN_OBJECT_AREA} visible pixels) "
-                             f"in the {len(dataset)} images used from {dataset.coco.path}: nothing to paste")
+        empty = [name for name in names if dataset.class_names.index(name) not in bank.by_label]
+        if empty and (named or not len(bank)):
+            raise _no_objects_error(empty, names, dataset)
         return bank
 
 
@@ -104,6 +108,17 @@ def _labels_of(names, dataset):
     if unknown:
         raise utils.UserError(f"unknown classes {unknown} for copy-paste; {dataset.coco.path} has {dataset.class_names[1:]}")
     return sorted(dataset.class_names.index(name) for name in names)
+
+
+def _no_objects_error(empty, names, dataset):
+    """The error for classes without objects, naming the classes annotated in the dataset's images instead."""
+    counts = data.annotation_counts(dataset.coco, dataset.images)
+    class_of = {cat_id: dataset.class_names[label] for cat_id, label in dataset.coco.cat_to_label.items()}
+    others = [f"{class_of[cat_id]} ({n})" for cat_id, n in counts.most_common() if class_of[cat_id] not in names]
+    return utils.UserError(
+        f"no objects of classes {empty} (of at least {MIN_OBJECT_AREA} visible pixels) in the {len(dataset)} images "
+        f"used from {dataset.coco.path}: nothing to paste; choose other copy-paste classes"
+        + (f", e.g. of those annotated there (annotations): {', '.join(others)}" if others else ""))
 
 
 def cut_out_objects(dataset, labels, paint_order):

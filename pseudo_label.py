@@ -10,9 +10,15 @@ retraining learns only from confident pixels. Writes OUT/masks/<file stem>.png
 (paletted PNGs holding the raw labels) and OUT/manifest.json, which train.py
 reads through dataset.PseudoLabelDataset; validation images of the run being trained
 are dropped there, so pseudo-labels never leak into its validation.
+
+OUT must be new, empty, or a pseudo-label folder: nothing else in a folder is ever
+replaced. Replacing an earlier run's pseudo-labels takes --overwrite, which removes only
+the masks and manifest that runs of this script wrote (OUT/unfinished.json lists them
+while a run has not finished, so a stopped run's folder stays recognisable).
 """
 import argparse
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -24,6 +30,7 @@ import utils
 
 MIN_KEPT_SHARE = 0.3  # below this share of pixels kept, retraining learns from too little
 CONFIDENCE_BINS = 1000  # histogram of top-class probabilities, to suggest a threshold
+UNFINISHED = "unfinished.json"  # the masks a run may have written, until it writes its manifest
 
 
 def get_args_parser():
@@ -37,9 +44,12 @@ def get_args_parser():
                              "unreadable files are skipped and counted")
     p.add_argument("--threshold", type=float, default=0.9,
                    help="keep a pixel when its top class probability is at least this; others become 255")
-    p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json")
+    p.add_argument("--out", default="pseudo", help="output folder for masks/ and manifest.json: new, empty, or "
+                                                   "one this script wrote (with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the pseudo-labels an earlier run wrote into --out (only its masks and manifest)")
     p.add_argument("--allow-low-keep", action="store_true",
-                   help=f"write the manifest even when less than {MIN_KEPT_SHARE:.0%} of the pixels are kept")
+                   help=f"write the manifest even when less than {100 * MIN_KEPT_SHARE:.0f}%% of the pixels are kept")
     return p
 
 
@@ -84,8 +94,69 @@ def check_kept_share(kept_share, histogram, threshold, allow):
                f"--threshold {threshold_keeping(histogram, 0.5):.3f} would keep half of them")
     if not allow:
         raise utils.UserError(message + "; no manifest was written (the masks are there to inspect). Lower "
-                                        "--threshold, train the model longer, or pass --allow-low-keep")
+                                        "--threshold, train the model longer, or pass --allow-low-keep, with "
+                                        "--overwrite to replace these masks")
     print(f"warning: {message}")
+
+
+# ---------------------------------------------------------------- the output folder
+def check_out(args):
+    """The masks earlier runs wrote into --out, which this run may replace; refuses an --out that is not ours.
+
+    Checked before anything is predicted, written or removed.
+    """
+    if args.image_dir and is_within(args.image_dir, args.out):
+        raise utils.UserError(f"--image-dir {args.image_dir} is --out {args.out} or inside it: the masks would land "
+                              f"among the photos (and be read as photos next time); pass an --out outside it")
+    if not os.path.isdir(args.out) or not os.listdir(args.out):
+        return set()
+    masks = earlier_masks(args.out)
+    if masks is None:
+        raise utils.UserError(f"--out {args.out} is not empty and holds no pseudo-label {data.PSEUDO_MANIFEST}, so "
+                              f"its files are not this script's to replace: pass a new or empty folder")
+    if not args.overwrite:
+        raise utils.UserError(f"--out {args.out} already holds the pseudo-labels of an earlier run ({len(masks)} "
+                              f"masks): replace them with --overwrite, or pass another --out")
+    return masks
+
+
+def is_within(inner, outer):
+    inner, outer = os.path.realpath(inner), os.path.realpath(outer)
+    return os.path.commonpath([inner, outer]) == outer
+
+
+def earlier_masks(out):
+    """The masks listed by `out`'s manifest and unfinished-run record (paths inside masks/, relative to `out`);
+    None when it holds neither, or only files of those names that this script did not write."""
+    masks, ours = set(), False
+    with contextlib.suppress(ValueError):  # absent, or someone else's manifest.json
+        masks.update(item["mask"] for item in data.read_manifest(out)["items"])
+        ours = True
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+        with open(os.path.join(out, UNFINISHED)) as f:
+            masks.update(json.load(f)["masks"])
+        ours = True
+    return {m for m in masks if os.path.normpath(m).split(os.sep)[0] == data.PSEUDO_MASK_DIR} if ours else None
+
+
+def check_mask_paths(out, masks, earlier):
+    """Refuse to replace a file at one of this run's mask paths that no run of this script wrote."""
+    foreign = sorted(m for m in masks - earlier if os.path.lexists(os.path.join(out, m)))
+    if foreign:
+        raise utils.UserError(f"{os.path.join(out, foreign[0])} is in the way of a mask and was not written by "
+                              f"pseudo_label.py ({len(foreign)} such files): move them, or pass another --out")
+
+
+def clear_earlier_run(out, masks, earlier):
+    """Record the masks this run may write, then remove the earlier manifest and masks.
+
+    The record keeps the folder recognisably ours if this run stops midway, and no older
+    manifest survives to point at masks this run replaces.
+    """
+    utils.atomic_write_json(os.path.join(out, UNFINISHED), {"masks": sorted(earlier | masks)})
+    for name in [data.PSEUDO_MANIFEST, *sorted(earlier)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
 
 # ---------------------------------------------------------------- unlabelled sources
@@ -121,13 +192,14 @@ def main(args):
     if args.image_dir is None:
         data.prepare_data_root(args.data_root)
     check_threshold(args.threshold)
+    earlier = check_out(args)
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
                                                     tiling=ensembles.build_tiling(args))
     dataset, image_path, source = open_source(args, class_names)
     data.check_unique_stems(info["file_name"] for info in dataset.images)
-    # a run stopped midway must not leave an older manifest that points at overwritten masks
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(args.out, data.PSEUDO_MANIFEST))
+    masks = {data.pseudo_mask_name(info["file_name"]) for info in dataset.images}
+    check_mask_paths(args.out, masks, earlier)
+    clear_earlier_run(args.out, masks, earlier)
     palette = utils.label_palette(len(class_names))
     counts = np.zeros(256, dtype=np.int64)
     confidences = np.zeros(CONFIDENCE_BINS, dtype=np.int64)
@@ -149,6 +221,7 @@ def main(args):
                 "checkpoints": [os.path.abspath(p) for p in ensembles.expand_checkpoints(args.checkpoints)],
                 "source": source, "items": items}
     utils.atomic_write_json(os.path.join(args.out, data.PSEUDO_MANIFEST), manifest)
+    os.remove(os.path.join(args.out, UNFINISHED))
     print(f"wrote {len(items)} masks and {os.path.join(args.out, data.PSEUDO_MANIFEST)}"
           + (f"; {predictions.skipped} unreadable file(s) skipped" if predictions.skipped else ""))
     return manifest

@@ -85,7 +85,7 @@ def get_args_parser():
                    help="most of a crop's labelled pixels one class may cover (MMSegmentation's cat_max_ratio)")
     g.add_argument("--crop-rare-classes", default=None,
                    help="comma-separated class names --crop-rare keeps in crops (default: the two rarest by annotation count)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    g.add_argument("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
     g.add_argument("--encoder", default="effb0",
@@ -112,7 +112,7 @@ def get_args_parser():
                    help="ohem loss: keep at least this many pixels per image (the least confident)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
-    g.add_argument("--lr", type=float, default=2e-3,
+    g.add_argument("--lr", type=utils.positive_float, default=2e-3,
                    help="peak learning rate (the default suits random init; lower it, e.g. 5e-4, with pretrained weights)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine")

@@ -6,6 +6,7 @@ This module imports nothing of the toolkit's own, so every other file may use it
 import argparse
 import contextlib
 import json
+import math
 import os
 import pickle
 import random
@@ -271,27 +272,44 @@ def save_checkpoint(state, path):
 def load_checkpoint(path, map_location="cpu", required_keys=()):
     """Load a checkpoint of plain data only: arbitrary pickled objects are refused.
 
-    A file without `required_keys` (a state dict some other program wrote) is an error naming them.
+    A missing, empty, cut-short or foreign file, one holding other objects, and one without
+    `required_keys` (a state dict some other program wrote) are UserErrors naming the file.
     """
+    fix = "pass a best.pt or last.pt that train.py wrote"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist: {fix}")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): copy it again, or {fix}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ValueError(f"checkpoint {path} cannot be loaded safely: {_refusal_reason(err)}; only tensors "
-                         f"and plain data are read, since unpickling anything else can run code") from None
+        reason = _refusal_reason(err)
+        if reason is None:
+            raise _unreadable(path, err, fix) from None
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}; only tensors and plain data are read, "
+                        f"since unpickling anything else can run code: {fix}") from None
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} cannot be read (truncated or not a torch checkpoint): {err}") from err
+        raise _unreadable(path, err, fix) from None
     missing = [key for key in required_keys if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks {missing}: it was not written by train.py")
+        bare = isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+        what = "a bare state dict (weights without their model's description)" if bare else "not a train.py checkpoint"
+        raise UserError(f"checkpoint {path} lacks {missing}: it is {what}; {fix}")
     return checkpoint
 
 
+def _unreadable(path, err, fix):
+    """The error for a file torch cannot read: its first sentence only (torch's advice would follow)."""
+    detail = ": ".join(filter(None, [type(err).__name__, str(err).split("\n")[0].split(". ")[0].strip()]))
+    return UserError(f"checkpoint {path} cannot be read: it is cut short or not a torch checkpoint ({detail}); "
+                     f"copy it again, or {fix}")
+
+
 def _refusal_reason(err):
-    """What torch's weights_only unpickler refused, without its advice to load the file unsafely."""
+    """What torch's weights_only unpickler refused, without its advice to load the file unsafely; None when
+    the error is not such a refusal (a file that is no pickle at all)."""
     _, marker, reason = str(err).partition("WeightsUnpickler error:")
-    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else str(err)
+    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else None
 
 
 RUN_LOCK = "run.lock"  # in a run folder while a process writes it: {"host": ..., "pid": ...}
@@ -371,12 +389,47 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    """argparse type: an integer of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text):
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
+
+
+def available_device(text):
+    """argparse type: a torch device name that this machine has (cuda, cuda:N need a GPU and GPU N).
+
+    Returns the name itself, so args stay plain data.
+    """
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device: pass cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here: pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    return text
+
+
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_device_args(parser, amp_help="mixed precision"):
     """--device (default: cuda when there is one) and, unless amp_help is None, --amp."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     if amp_help is not None:
         parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help=amp_help)
 

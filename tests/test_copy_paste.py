@@ -1,5 +1,7 @@
 import json
 import os
+import runpy
+import sys
 
 import cv2
 import numpy as np
@@ -8,10 +10,12 @@ from pycocotools import mask as mask_utils
 
 import copy_paste as cp
 import dataset as data
+import utils
 
 PAPER, BATTERY = 1, 2  # labels in the hand-built scene
 BATTERY_RGB, PAPER_RGB = (200, 40, 40), (40, 200, 40)
 SIDE = 64
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _rle(region):
@@ -86,10 +90,33 @@ def test_default_classes_are_the_rarest_present(scene):
 
 
 def test_bank_of_zero_objects_is_a_clear_error(scene, tmp_path):
-    with pytest.raises(ValueError, match=r"Clothing.*train\.json"):
+    with pytest.raises(utils.UserError) as err:
         cp.ObjectBank.for_dataset(scene, "Clothing", cache_dir=tmp_path / "bank")
-    with pytest.raises(ValueError, match="Cardboard"):
+    assert str(err.value) == (
+        f"no objects of classes ['Clothing'] (of at least {cp.MIN_OBJECT_AREA} visible pixels) in the 2 images used "
+        f"from {scene.coco.path}: nothing to paste; choose other copy-paste classes, e.g. of those annotated there "
+        f"(annotations): Paper (2), Battery (1)")
+    with pytest.raises(utils.UserError, match=r"no objects of classes \['Clothing'\] .* annotated there "
+                                              r"\(annotations\): Paper \(2\)$"):  # Battery has objects
+        cp.ObjectBank.for_dataset(scene, ["Battery", "Clothing"], cache_dir=tmp_path / "bank")
+    with pytest.raises(utils.UserError, match="Cardboard"):
         cp.ObjectBank.for_dataset(scene, ["Cardboard"], cache_dir=tmp_path / "bank")
+
+
+def test_a_class_without_objects_stops_copy_paste_py_and_train_py_in_one_line(scene, tmp_path, monkeypatch, capsys):
+    root, fix = str(tmp_path), "nothing to paste; choose other copy-paste classes, e.g. of those annotated there"
+    (tmp_path / "val.json").write_text((tmp_path / "train.json").read_text())
+    commands = {"copy_paste.py": ["--out", str(tmp_path / "out"), "--classes", "Clothing"],
+                "train.py": ["--val-json", "val.json", "--copy-paste-classes", "Clothing", "--output",
+                             str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--size", "64"]}
+    for script, argv in commands.items():
+        monkeypatch.setattr(sys, "argv", [script, "--data-root", root, "--cache-dir", str(tmp_path / "cache"), *argv])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+        stderr = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "\n" not in stderr, stderr
+        assert stderr.startswith("error: no objects of classes ['Clothing']") and fix in stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run" / "last.pt").exists()
 
 
 @pytest.mark.parametrize("soft_edge", [0, 3])

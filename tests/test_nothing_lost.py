@@ -161,15 +161,15 @@ def test_low_keep_stops_without_a_manifest_unless_allowed(root, run, tmp_path, c
     pseudo_label(root, run, out, "--threshold", "0")  # an earlier, useful manifest
     with pytest.raises(utils.UserError, match=r"only 0\.0% of the pixels reach --threshold 1\.0 \(floor 30%\); "
                                               r"--threshold 0\.\d+ would keep half") as refusal:
-        pseudo_label(root, run, out, "--threshold", "1.0")
+        pseudo_label(root, run, out, "--threshold", "1.0", "--overwrite")
     assert not (out / data.PSEUDO_MANIFEST).exists()  # train.py --pseudo cannot pick up the useless set
 
-    manifest = pseudo_label(root, run, out, "--threshold", "1.0", "--allow-low-keep")
+    manifest = pseudo_label(root, run, out, "--threshold", "1.0", "--allow-low-keep", "--overwrite")
     assert "warning: only 0.0% of the pixels" in capsys.readouterr().out
     assert (out / data.PSEUDO_MANIFEST).exists() and all(item["kept"] == 0 for item in manifest["items"])
 
     suggested = re.search(r"--threshold (0\.\d+) would keep half", str(refusal.value)).group(1)
-    manifest = pseudo_label(root, run, out, "--threshold", suggested)
+    manifest = pseudo_label(root, run, out, "--threshold", suggested, "--overwrite")
     kept = [item["kept"] for item in manifest["items"]]  # the test images all have one size
     assert np.mean(kept) >= 0.5
 

@@ -167,12 +167,109 @@ def test_image_dir_lists_images_recursively_and_never_its_own_output(tmp_path, f
     folder = str(tmp_path / "photos")
     write_photos(folder, ["x.jpg", "sub/y.png"])
     (tmp_path / "photos" / "notes.txt").write_text("not an image")
-    out = os.path.join(folder, "pseudo")  # output inside the input folder
-    for _ in range(2):
-        manifest = run("--checkpoints", fake_ensemble, "--image-dir", folder, "--out", out)
+    out = os.path.join(folder, "pseudo")  # output inside the input folder: left out of the inputs
+    for again in ([], ["--overwrite"]):
+        manifest = run("--checkpoints", fake_ensemble, "--image-dir", folder, "--out", out, *again)
         assert [(i["file_name"], i["image_id"]) for i in manifest["items"]] == [
             (os.path.join("sub", "y.png"), None), ("x.jpg", None)]
     assert manifest["source"] == {"image_dir": folder}
+
+
+# ---------------------------------------------------------------- the output folder
+
+@pytest.fixture
+def no_prediction(monkeypatch):
+    """For refusals: loading the ensemble (the first step of predicting) fails the test."""
+    def load_ensemble(*args, **kwargs):
+        raise AssertionError("predicted although --out was refused")
+    monkeypatch.setattr(ensembles, "load_ensemble", load_ensemble)
+
+
+def folder_files(folder):
+    """{path relative to `folder`: bytes} of every file under it."""
+    return {os.path.relpath(os.path.join(parent, name), folder): open(os.path.join(parent, name), "rb").read()
+            for parent, _, names in os.walk(folder) for name in names}
+
+
+def test_an_out_that_is_or_holds_the_image_dir_is_refused_before_predicting(tmp_path, no_prediction):
+    folder = tmp_path / "photos"
+    write_photos(str(folder), ["a.jpg"])
+    utils.atomic_write_png(str(folder / "masks" / "a.png"), np.ones((8, 10), np.uint8))  # the user's ground truth
+    before = folder_files(folder)
+    for out in (folder, tmp_path):
+        with pytest.raises(utils.UserError) as err:
+            run("--checkpoints", "fold0.pt", "--image-dir", str(folder), "--out", str(out))
+        assert str(err.value) == (f"--image-dir {folder} is --out {out} or inside it: the masks would land among the "
+                                  f"photos (and be read as photos next time); pass an --out outside it")
+    assert folder_files(folder) == before
+
+
+def test_an_out_holding_other_files_is_refused_even_with_overwrite(tmp_path, no_prediction):
+    photos, out = tmp_path / "photos", tmp_path / "results"
+    write_photos(str(photos), ["a.jpg"])
+    utils.atomic_write_png(str(out / "masks" / "a.png"), np.ones((8, 10), np.uint8))
+    for overwrite in ([], ["--overwrite"]):
+        with pytest.raises(utils.UserError) as err:
+            run("--checkpoints", "fold0.pt", "--image-dir", str(photos), "--out", str(out), *overwrite)
+        assert str(err.value) == (f"--out {out} is not empty and holds no pseudo-label manifest.json, so its files "
+                                  f"are not this script's to replace: pass a new or empty folder")
+    assert folder_files(out) == {os.path.join("masks", "a.png"): folder_files(out)[os.path.join("masks", "a.png")]}
+    np.testing.assert_array_equal(data.read_label_png(str(out / "masks" / "a.png")), np.ones((8, 10), np.uint8))
+
+
+def test_a_second_run_takes_overwrite_and_replaces_only_what_runs_wrote(tmp_path, fake_ensemble):
+    root, out = str(tmp_path / "data"), tmp_path / "pseudo"
+    write_photos(root, ["1.png", "2.png", "3.png"])
+    write_coco(root, "first.json", [(1, "1.png"), (2, "2.png")])
+    write_coco(root, "second.json", [(1, "1.png"), (3, "3.png")])
+    label = ["--checkpoints", fake_ensemble, "--data-root", root, "--out", str(out)]
+    run(*label, "--json", "first.json")
+    (out / "notes.txt").write_text("mine")
+    before = folder_files(out)
+    with pytest.raises(utils.UserError) as err:
+        run(*label, "--json", "second.json")
+    assert str(err.value) == (f"--out {out} already holds the pseudo-labels of an earlier run (2 masks): replace "
+                              f"them with --overwrite, or pass another --out")
+    utils.atomic_write_bytes(out / "masks" / "3.png", b"the user's")  # where the second run would write
+    with pytest.raises(utils.UserError) as err:
+        run(*label, "--json", "second.json", "--overwrite")
+    assert str(err.value) == (f"{out / 'masks' / '3.png'} is in the way of a mask and was not written by "
+                              f"pseudo_label.py (1 such files): move them, or pass another --out")
+    assert folder_files(out) == {**before, os.path.join("masks", "3.png"): b"the user's"}
+
+    os.remove(out / "masks" / "3.png")
+    manifest = run(*label, "--json", "second.json", "--overwrite")
+    assert [item["image_id"] for item in manifest["items"]] == [1, 3]
+    assert sorted(folder_files(out)) == ["manifest.json", os.path.join("masks", "1.png"),
+                                         os.path.join("masks", "3.png"), "notes.txt"]  # 2.png, a mask of ours, is gone
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_stopped_midway_leaves_no_manifest_and_a_folder_still_ours(tmp_path, fake_ensemble, monkeypatch):
+    root, out = str(tmp_path / "data"), tmp_path / "pseudo"
+    write_photos(root, ["1.png", "2.png", "3.png"])
+    write_coco(root, "test.json", [(1, "1.png"), (2, "2.png"), (3, "3.png")])
+    label = ["--checkpoints", fake_ensemble, "--data-root", root, "--out", str(out), "--batch-size", "1"]
+    run(*label)
+    real_mask, made = pl.pseudo_mask, []
+
+    def stopped_at_the_second_image(*args):
+        if len(made) == 1:
+            raise KeyboardInterrupt
+        made.append(real_mask(*args))
+        return made[-1]
+
+    monkeypatch.setattr(pl, "pseudo_mask", stopped_at_the_second_image)
+    with pytest.raises(KeyboardInterrupt):
+        run(*label, "--overwrite")
+    monkeypatch.setattr(pl, "pseudo_mask", real_mask)
+    assert not (out / data.PSEUDO_MANIFEST).exists()  # no older manifest points at the masks it replaced
+    with pytest.raises(utils.UserError, match="run pseudo_label.py --out"):
+        data.PseudoLabelDataset(str(out), None)
+    with pytest.raises(utils.UserError, match=r"already holds the pseudo-labels of an earlier run \(3 masks\)"):
+        run(*label)
+    assert len(run(*label, "--overwrite")["items"]) == 3
+    assert sorted(folder_files(out)) == ["manifest.json", *(os.path.join("masks", f"{i}.png") for i in (1, 2, 3))]
 
 
 def test_two_images_with_one_stem_are_refused(tmp_path, fake_ensemble):

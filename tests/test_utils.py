@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from utils import (ConfusionMatrix, atomic_open, class_palette, colorize, format_class_table, load_checkpoint, overlay,
-                   overlay_panel, read_submission, resize_for_submission, save_checkpoint, scores_from_confusion,
-                   write_submission)
+import inference
+import serve
+import train
+from utils import (ConfusionMatrix, UserError, atomic_open, class_palette, colorize, format_class_table,
+                   load_checkpoint, overlay, overlay_panel, read_submission, resize_for_submission, save_checkpoint,
+                   scores_from_confusion, write_submission)
 
 NUM_CLASSES = 11
 
@@ -233,15 +236,44 @@ class ArbitraryObject:
 def test_load_checkpoint_refuses_arbitrary_objects(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": ArbitraryObject()}, path)
-    with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} cannot be loaded safely")):
+    with pytest.raises(UserError) as err:
         load_checkpoint(path)
+    assert str(err.value) == (
+        f"checkpoint {path} cannot be loaded safely: Unsupported global: GLOBAL test_utils._record_code_ran was not "
+        f"an allowed global by default; only tensors and plain data are read, since unpickling anything else can run "
+        f"code: pass a best.pt or last.pt that train.py wrote")
+    assert "weights_only" not in str(err.value)  # never torch's advice to load it unsafely
     assert CODE_RAN == []
 
 
-def test_load_checkpoint_missing_file(tmp_path):
-    path = tmp_path / "nowhere.pt"
-    with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
-        load_checkpoint(path)
+def saved_then_cut(path, keep):
+    """A checkpoint file of which only the first `keep` share of the bytes is left."""
+    save_checkpoint({"state_dict": {"w": torch.zeros(100)}, "epoch": 3}, path)
+    path.write_bytes(path.read_bytes()[:int(keep * path.stat().st_size)])
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: None, "does not exist: pass a best.pt or last.pt that train.py wrote"),
+    (lambda path: saved_then_cut(path, 0), "is empty (0 bytes): copy it again, or pass a best.pt or last.pt that "
+                                           "train.py wrote"),
+    (lambda path: saved_then_cut(path, 0.5), "cannot be read: it is cut short or not a torch checkpoint (RuntimeError: "
+                                             "PytorchStreamReader failed reading zip archive: failed finding central "
+                                             "directory); copy it again, or pass a best.pt or last.pt that train.py "
+                                             "wrote"),
+    (lambda path: path.write_text("hello world"),
+     "cannot be read: it is cut short or not a torch checkpoint (KeyError"),
+    (lambda path: torch.save({"conv.weight": torch.zeros(1)}, path),
+     "lacks ['model', 'state_dict']: it is a bare state dict (weights without their model's description); pass a "
+     "best.pt or last.pt that train.py wrote"),
+    (lambda path: torch.save([torch.zeros(1)], path), "lacks ['model', 'state_dict']: it is not a train.py checkpoint"),
+], ids=["missing", "zero bytes", "cut short", "text", "bare state dict", "list"])
+def test_load_checkpoint_names_the_file_and_the_fix_in_one_line(tmp_path, write, message):
+    path = tmp_path / "last.pt"
+    write(path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path, required_keys=("model", "state_dict"))
+    assert str(err.value).startswith(f"checkpoint {path} {message}") and "\n" not in str(err.value)
+    assert "weights_only" not in str(err.value)
 
 
 def test_checkpoint_round_trip(tmp_path):
@@ -253,6 +285,41 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded["model"]["conv.weight"], state["model"]["conv.weight"])
     assert {k: v for k, v in loaded.items() if k != "model"} == {k: v for k, v in state.items() if k != "model"}
     assert os.listdir(path.parent) == ["last.pt"]
+
+
+# ---------------------------------------------------------------- command-line flags
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "argument --lr: must be a number above 0, got 0"),
+    ("--lr", "-0.001", "argument --lr: must be a number above 0, got -0.001"),
+    ("--lr", "nan", "argument --lr: must be a number above 0, got nan"),
+    ("--workers", "-1", "argument --workers: must be 0 or more, got -1"),
+])
+def test_train_refuses_bad_numbers_before_any_work(flag, value, message, capsys):
+    parser = train.get_args_parser()
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([flag, value])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: {message}"
+    assert train.get_args_parser().parse_args(["--workers", "0", "--lr", "5e-4"]).lr == 5e-4
+
+
+@pytest.mark.parametrize("gpus, device, message", [
+    (0, "cuda", "cuda: no CUDA GPU is available here: pass --device cpu"),
+    (0, "cuda:1", "cuda:1: no CUDA GPU is available here: pass --device cpu"),
+    (2, "cuda:2", "cuda:2: this machine has 2 CUDA GPU(s), cuda:0..cuda:1"),
+    (0, "gpu", "'gpu' is not a torch device: pass cpu, cuda or cuda:N"),
+])
+def test_device_flag_refuses_a_gpu_this_machine_lacks(gpus, device, message, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for parser in (train.get_args_parser(), inference.get_args_parser(), serve.get_args_parser()):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(["--device", device])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"{parser.prog}: error: argument --device: {message}"
+    assert train.get_args_parser().parse_args(["--device", "cpu"]).device == "cpu"
+    if gpus:
+        assert train.get_args_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
 
 
 # ---------------------------------------------------------------- palette
