@@ -25,6 +25,7 @@ import dataset as data
 import loss as losses
 import model as models
 import scheduler as schedulers
+import semi
 import utils
 
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
@@ -86,6 +87,22 @@ def get_args_parser():
     g.add_argument("--crop-rare-classes", default=None,
                    help="comma-separated class names --crop-rare keeps in crops (default: the two rarest by annotation count)")
     g.add_argument("--workers", type=utils.non_negative_int, default=min(8, os.cpu_count() or 1), help="data loader worker processes")
+    g = p.add_argument_group("unlabelled photos (docs/semi-supervised.md)")
+    g.add_argument("--unlabeled", nargs="+", default=None, metavar="PATH",
+                   help="also learn from photos without labels: folders (recursively), globs, files, or COCO jsons "
+                        "whose images are used (labels unread); validation images among them are dropped "
+                        "(refused with --strict)")
+    g.add_argument("--unlabeled-ratio", type=utils.positive_int, default=1,
+                   help="unlabelled images per labelled image in each step")
+    g.add_argument("--confidence", type=float, default=0.95,
+                   help="the teacher's pseudo-label of a pixel is learned when its probability is at least this")
+    g.add_argument("--unsup-weight", type=float, default=1.0, help="weight of the unlabelled loss")
+    g.add_argument("--unsup-rampup", type=float, default=1.0,
+                   help="epochs over which the unlabelled loss weight rises to --unsup-weight")
+    g.add_argument("--ema", action="store_true",
+                   help="keep an EMA of the weights (always on with --unlabeled, where it is the teacher); it is "
+                        "validated beside the model and best.pt holds whichever scores higher")
+    g.add_argument("--ema-decay", type=float, default=0.999, help="the EMA's decay per optimizer step, once warmed up")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
     g.add_argument("--encoder", default="effb0",
@@ -285,6 +302,41 @@ def build_loaders(args, train_set, val_set, rank, world_size):
     return train_loader, val_loader
 
 
+def build_unlabeled_loader(args, val_set, batches_per_epoch, rank, world_size):
+    """The --unlabeled photos' weak views: as many batches of batch_size * ratio per epoch and process
+    as the labelled loader gives (None without --unlabeled)."""
+    if not args.unlabeled:
+        return None
+    images, skipped = semi.find_unlabeled(args.unlabeled, args.max_image_pixels)
+    images = drop_val_photos(images, val_set, args.strict)
+    batch_size = args.batch_size * args.unlabeled_ratio
+    if rank == 0:
+        print(f"unlabelled photos: {len(images)}" + (f" ({len(skipped)} unreadable skipped)" if skipped else "")
+              + f"; {batch_size} beside each batch of {args.batch_size} labelled images")
+    sampler = semi.UnlabeledStreamSampler(len(images), batches_per_epoch * batch_size, num_replicas=world_size,
+                                          rank=rank, seed=args.seed)
+    return torch.utils.data.DataLoader(
+        semi.UnlabeledDataset(images, args.size, args.max_image_pixels), batch_size=batch_size, sampler=sampler,
+        num_workers=args.workers, pin_memory=args.device.startswith("cuda"), persistent_workers=args.workers > 0,
+        worker_init_fn=utils.seed_worker, generator=torch.Generator().manual_seed(args.seed))
+
+
+def drop_val_photos(images, val_set, strict):
+    """The unlabelled photos less the validation images among them (same resolved path or bytes):
+    learning their pseudo-labels would flatter the val scores. Refused with --strict."""
+    index = data.FileIndex(val_set.coco.image_path(info) for info in val_set.images)
+    kept = [info for info in images if not (index.holds_path(info["path"]) or index.holds_bytes(info["path"]))]
+    if len(kept) == len(images):
+        return images
+    found = f"{len(images) - len(kept)} of the --unlabeled photos are validation images of {val_set.coco.path}"
+    if strict:
+        raise utils.UserError(f"{found}: remove them from --unlabeled (--strict refuses this)")
+    if not kept:
+        raise utils.UserError(f"{found}, and so are all of them: pass photos that are not validation images")
+    print(f"warning: {found}; they are left out")
+    return kept
+
+
 def resolve_class_weights(spec, train_set, num_classes):
     if spec is None:
         return None
@@ -318,15 +370,21 @@ def check_finite_weights(model, epoch, step_in_epoch):
         raise NonFiniteTraining(f"the weights hold NaN/inf at epoch {epoch}, step {step_in_epoch}")
 
 
-def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, rank, on_step):
+def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, rank, on_step, unlabeled=None):
+    """One epoch of optimizer steps; with `unlabeled` (a loader of weak views), each step also learns
+    the teacher's pseudo-labels on strong views of as many batches of unlabelled photos."""
     model, optimizer, criterion = state["model"], state["optimizer"], state["criterion"]
     model.train()
-    bar = tqdm(loader, desc=f"epoch {epoch}", initial=start_step, total=batches_per_epoch,
+    batches = zip(loader, unlabeled) if unlabeled is not None else ((batch, None) for batch in loader)
+    bar = tqdm(batches, desc=f"epoch {epoch}", initial=start_step, total=batches_per_epoch,
                disable=rank != 0, dynamic_ncols=True)
-    for step, (images, masks) in enumerate(bar, start=start_step):
+    for step, ((images, masks), weak) in enumerate(bar, start=start_step):
         images, masks = to_device(images, masks, args)
-        with utils.autocast(args.device, args.amp):
-            loss = criterion(model(images), masks)
+        if weak is None:
+            with utils.autocast(args.device, args.amp):
+                loss = criterion(model(images), masks)
+        else:
+            loss = consistency_loss(state, images, masks, weak, args)
         if not finite_everywhere(loss):
             where = " (here or on another process)" if dist.is_initialized() else ""
             raise NonFiniteTraining(f"loss is {loss.item()}{where} at epoch {epoch}, step {step}")
@@ -335,6 +393,35 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
             optimizer_step(state, args)
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         on_step(epoch, step + 1, loss.item())
+
+
+def consistency_loss(state, images, masks, weak, args):
+    """The labelled loss plus the ramped-up unlabelled one (FixMatch as UniMatch applies it).
+
+    The EMA teacher labels the weak views; the student sees strong views of them (colour jitter, grey,
+    blur, then CutMix carrying the pseudo-labels along) in one forward with the labelled batch, so
+    BatchNorm and DDP see one batch per step.
+    """
+    model, teacher = state["model"], state["teacher"]
+    mean, std = state["normalization"]
+    weak = weak.to(args.device, non_blocking=True).float().div_(255)
+    strong = (semi.strong_photometric(weak) - mean) / std
+    weak = (weak - mean) / std
+    with torch.no_grad(), utils.autocast(args.device, args.amp):
+        teacher_logits = teacher.module(weak)
+    pseudo, labels = semi.pseudo_labels(teacher_logits, args.confidence)
+    state["confident"].update(pseudo, labels)
+    strong, pseudo = semi.cutmix(strong, pseudo, semi.cutmix_boxes(len(strong), *strong.shape[-2:]))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    batch = torch.cat([images, strong]).contiguous(memory_format=memory_format)
+    with utils.autocast(args.device, args.amp):
+        outputs = model(batch)
+    n = len(images)
+    labelled = outputs[:n] if torch.is_tensor(outputs) else [output[:n] for output in outputs]
+    student_logits = (outputs if torch.is_tensor(outputs) else outputs[0])[n:]
+    weight = args.unsup_weight * semi.rampup(state["global_step"], state["rampup_steps"])
+    return (state["criterion"](labelled, masks)
+            + weight * semi.unsupervised_loss(student_logits, pseudo, state["class_weights"]))
 
 
 def finite_everywhere(loss):
@@ -358,6 +445,8 @@ def optimizer_step(state, args):
     optimizer.zero_grad(set_to_none=True)
     state["scheduler"].step()
     state["global_step"] += 1
+    if state["teacher"] is not None:
+        state["teacher"].update(unwrap(model), step=state["global_step"])
 
 
 @torch.inference_mode()
@@ -445,15 +534,19 @@ def model_options(args):
     return {key: value for key, value in options.items() if value is not None}
 
 
-def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch):
+def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, weights=None):
+    """Everything a resumed run needs; `weights` (default: the model's) is the state dict to predict with."""
     model = unwrap(state["model"])
+    teacher = state["teacher"]
     return {
         "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": model_options(args),
         "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
         "mean": list(mean), "std": list(std), "args": vars(args),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
         "best_miou": state["best_miou"], "skipped_steps": state["skipped_steps"],
-        "state_dict": model.state_dict(), "optimizer": state["optimizer"].state_dict(),
+        "state_dict": model.state_dict() if weights is None else weights,
+        "ema_state_dict": None if teacher is None else teacher.module.state_dict(),
+        "optimizer": state["optimizer"].state_dict(),
         "scheduler": state["scheduler"].state_dict(), "scaler": state["scaler"].state_dict(),
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -482,6 +575,8 @@ def restore(state, checkpoint, class_names, source="checkpoint"):
     data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
                             fix="resume with the run's own --data-root, or drop --resume and pass another --output")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
+    if state["teacher"] is not None:  # a run that gains --ema on resume starts its EMA from the weights
+        state["teacher"].module.load_state_dict(checkpoint.get("ema_state_dict") or checkpoint["state_dict"])
     for key in ("optimizer", "scheduler", "scaler"):
         state[key].load_state_dict(checkpoint[key])
     for key in ("global_step", "best_miou", "skipped_steps"):
@@ -514,6 +609,41 @@ def earlier_history(path, start_epoch):
         return []
     with open(path) as f:
         return [record for record in json.load(f) if record["epoch"] < start_epoch]
+
+
+def validate(state, loader, class_names, epoch, args, rank, writer, history, mean, std):
+    """Score the model and its EMA (when kept), log and record both; return the better mIoU and the
+    weights that scored it (None: the model's own)."""
+    panels = []
+    scores = evaluate(state["model"], loader, state["criterion"], len(class_names), args, rank, panels)
+    record, best = score_record(scores, class_names, epoch), (scores["miou"], None)
+    teacher = state["teacher"]
+    if teacher is not None:
+        ema_scores = evaluate(teacher.module, loader, state["criterion"], len(class_names), args, rank)
+        record["ema"] = score_record(ema_scores, class_names, epoch)
+        if ema_scores["miou"] > scores["miou"]:
+            best = (ema_scores["miou"], teacher.module.state_dict())
+    if rank == 0:
+        log_validation(writer, scores, class_names, epoch, panels, args, mean, std)
+        if teacher is not None:
+            print(f"EMA of the weights: mIoU {ema_scores['miou']:.4f}")
+            writer.add_scalar("val/mIoU_ema", ema_scores["miou"], epoch)
+        history.append(record)
+    return best
+
+
+def log_confident_share(confident, class_names, writer, epoch):
+    """The share of each class's teacher pixels confident enough to learn from, over the epoch (all processes)."""
+    if dist.is_initialized():
+        dist.all_reduce(confident.counts)
+    shares = confident.shares()
+    if writer is not None:
+        print("unlabelled pixels the teacher is confident of, by its class:\n"
+              + utils.format_class_table(class_names, [("confident", shares)]))
+        for name, share in zip(class_names, shares):
+            if not np.isnan(share):
+                writer.add_scalar(f"unlabeled_confident/{name}", share, epoch)
+    confident.reset()
 
 
 def log_validation(writer, scores, class_names, epoch, panels, args, mean, std):
@@ -560,11 +690,18 @@ def build_model(args, num_classes, local_rank, world_size):
     return torch.compile(model) if args.compile else model
 
 
-def build_state(args, model, train_set, num_classes, steps_per_epoch):
+def build_state(args, model, train_set, num_classes, steps_per_epoch, normalization):
     """What the training steps read and change: model, optimizer, schedule, gradient scaler, loss, counters."""
     optimizer = schedulers.build_optimizer(args.optimizer, model, args.lr, args.weight_decay)
+    class_weights = resolve_class_weights(args.class_weights, train_set, num_classes)
+    mean, std = (torch.tensor(v, device=args.device).view(1, -1, 1, 1) for v in normalization)
     return {
         "model": model, "optimizer": optimizer, "global_step": 0, "best_miou": -1.0, "skipped_steps": 0,
+        # the EMA of the weights: --ema, and the teacher of --unlabeled
+        "teacher": semi.ema_teacher(unwrap(model), args.ema_decay) if args.ema or args.unlabeled else None,
+        "class_weights": None if class_weights is None else class_weights.to(args.device),
+        "normalization": (mean, std), "rampup_steps": round(args.unsup_rampup * steps_per_epoch),
+        "confident": semi.ConfidentShare(num_classes, device=args.device),
         "scheduler": schedulers.build_scheduler(
             args.scheduler, optimizer, total_steps=args.epochs * steps_per_epoch,
             warmup_steps=round(args.warmup_epochs * steps_per_epoch),
@@ -573,7 +710,7 @@ def build_state(args, model, train_set, num_classes, steps_per_epoch):
         "scaler": torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16"),
         "criterion": losses.AuxiliaryLoss(
             losses.build_loss(args.loss, num_classes,
-                              class_weights=resolve_class_weights(args.class_weights, train_set, num_classes),
+                              class_weights=class_weights,
                               label_smoothing=args.label_smoothing, ohem_thresh=args.ohem_thresh,
                               ohem_min_kept=args.ohem_min_kept),
             unwrap(model).aux_weights).to(args.device),
@@ -669,9 +806,10 @@ def run_training(args, rank, world_size, local_rank):
     class_names = train_set.class_names
     train_loader, val_loader = build_loaders(args, train_mix, val_set, rank, world_size)
     batches_per_epoch = len(train_loader)
+    unlabeled_loader = build_unlabeled_loader(args, val_set, batches_per_epoch, rank, world_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.accum_steps)
     model = build_model(args, len(class_names), local_rank, world_size)
-    state = build_state(args, model, train_set, len(class_names), steps_per_epoch)
+    state = build_state(args, model, train_set, len(class_names), steps_per_epoch, (mean, std))
     optimizer = state["optimizer"]
     start_epoch, start_step = 0, 0
     if checkpoint is not None:
@@ -688,11 +826,11 @@ def run_training(args, rank, world_size, local_rank):
     history_path = os.path.join(args.output, "metrics.json")
     history = earlier_history(history_path, start_epoch) if rank == 0 else []
 
-    def save(name, epoch, step_in_epoch):
+    def save(name, epoch, step_in_epoch, weights=None):
         check_finite_weights(state["model"], epoch, step_in_epoch)  # on every rank, so all of them stop
         if rank == 0:
-            utils.save_checkpoint(checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch),
-                                  os.path.join(args.output, name))
+            utils.save_checkpoint(checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch,
+                                                   weights), os.path.join(args.output, name))
 
     def on_step(epoch, step, loss_value):
         if writer is not None:
@@ -706,19 +844,21 @@ def run_training(args, rank, world_size, local_rank):
     try:
         for epoch in range(start_epoch, args.epochs):
             train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
-            train_one_epoch(state, train_loader, epoch, start_step, batches_per_epoch, args, rank, on_step)
+            if unlabeled_loader is not None:
+                unlabeled_loader.sampler.set_epoch(epoch, skip=start_step * unlabeled_loader.batch_size)
+            train_one_epoch(state, train_loader, epoch, start_step, batches_per_epoch, args, rank, on_step,
+                            unlabeled_loader)
+            if unlabeled_loader is not None:
+                log_confident_share(state["confident"], class_names, writer, epoch)
             start_step = 0
             save(utils.LAST_CHECKPOINT, epoch + 1, 0)  # before validating, so a failed validation keeps the epoch
             if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-                panels = []
-                scores = evaluate(state["model"], val_loader, state["criterion"], len(class_names), args, rank, panels)
+                miou, weights = validate(state, val_loader, class_names, epoch, args, rank, writer, history, mean, std)
                 if rank == 0:
-                    log_validation(writer, scores, class_names, epoch, panels, args, mean, std)
-                    history.append(score_record(scores, class_names, epoch))
                     utils.atomic_write_json(history_path, history)
-                if scores["miou"] > state["best_miou"]:
-                    state["best_miou"] = scores["miou"]
-                    save(utils.BEST_CHECKPOINT, epoch + 1, 0)
+                if miou > state["best_miou"]:
+                    state["best_miou"] = miou
+                    save(utils.BEST_CHECKPOINT, epoch + 1, 0, weights)
                     save(utils.LAST_CHECKPOINT, epoch + 1, 0)  # the new best mIoU, which a resumed run compares with
     except NonFiniteTraining as err:
         last = os.path.join(args.output, utils.LAST_CHECKPOINT)

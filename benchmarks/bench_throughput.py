@@ -147,7 +147,8 @@ def loader_images_per_second(args, train_mix, val_set, workers, batches):
 def train_images_per_second(args, batches, num_classes, steps, warmup=1, rank=0, local_rank=0, world_size=1):
     """Images/s of this process's train.py training steps over `batches`: `warmup` steps, then `steps` timed."""
     model = train.build_model(args, num_classes, local_rank, world_size)
-    state = train.build_state(args, model, None, num_classes, steps_per_epoch=warmup + steps)
+    state = train.build_state(args, model, None, num_classes, warmup + steps, models.encoder_normalization(
+        models.resolve_encoder(args.encoder)))
     times = []  # after each step; the step reads its loss, so GPU work is finished by then
     train.train_one_epoch(state, itertools.islice(batches, warmup + steps), 0, 0, warmup + steps, args, rank,
                           lambda *_: times.append(time.perf_counter()))

@@ -61,13 +61,17 @@ def rank_main(rank, base, out, ports):
     train.main(tiny_args(base, "--epochs", "1", "--output", run))
     os.environ["MASTER_PORT"] = str(ports[2])
     train.main(tiny_args(base, "--epochs", "2", "--output", run, "--resume"))
+    os.environ["MASTER_PORT"] = str(ports[4])
+    unlabeled = os.path.join(base[base.index("--data-root") + 1], "test.json")
+    semi_miou = train.main(tiny_args(base, "--epochs", "1", "--output", os.path.join(out, "semi"),
+                                     "--unlabeled", unlabeled))
     os.environ["MASTER_PORT"] = str(ports[3])
     dist.init_process_group("gloo")
     nan_on_rank_0 = train.finite_everywhere(torch.tensor(float("nan") if rank == 0 else 1.0))
     all_finite = train.finite_everywhere(torch.tensor(1.0))
     dist.destroy_process_group()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"writes": writes, "finite": [nan_on_rank_0, all_finite]}, f)
+        json.dump({"writes": writes, "finite": [nan_on_rank_0, all_finite], "semi_miou": semi_miou}, f)
 
 
 def train_and_score(args, out):
@@ -79,7 +83,7 @@ def train_and_score(args, out):
     train_loader, _ = train.build_loaders(args, train_mix, val_set, rank, world_size)
     model = train.build_model(args, num_classes, local_rank, world_size)
     initial = flat_parameters(model)
-    state = train.build_state(args, model, train_set, num_classes, len(train_loader))
+    state = train.build_state(args, model, train_set, num_classes, len(train_loader), (mean, std))
     indices = []
     for epoch in range(EPOCHS):
         train_loader.sampler.set_epoch(epoch)
@@ -130,7 +134,7 @@ def ddp_run(tiny_demo, tiny_train_argv, tmp_path_factory):
         saved = os.dup(1)
         os.dup2(f.fileno(), 1)
         try:
-            mp.spawn(rank_main, args=(base, out, [free_port() for _ in range(4)]), nprocs=WORLD_SIZE)
+            mp.spawn(rank_main, args=(base, out, [free_port() for _ in range(5)]), nprocs=WORLD_SIZE)
         finally:
             os.dup2(saved, 1)
             os.close(saved)
@@ -207,10 +211,21 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     assert {os.path.basename(path) for path in writes[0]} >= {"args.json", "last.pt", "best.pt"}
     assert set(os.listdir(run)) == RUN_FILES
     assert len(os.listdir(os.path.join(run, "tb"))) == 2  # one event file per run, both from rank 0
-    assert printed.count("done in") == 2
+    assert printed.count(f"checkpoints in {run}\n") == 2
     assert "at epoch 1, step 0" in printed  # the second run resumed where the first stopped
     checkpoint = utils.load_checkpoint(os.path.join(run, utils.LAST_CHECKPOINT))
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
+
+
+@pytest.mark.slow
+def test_unlabeled_photos_train_under_ddp_with_one_teacher(ddp_run):
+    _, out, printed = ddp_run
+    assert printed.count("unlabelled photos: 3;") == 1  # the tiny demo's test images, counted by rank 0 alone
+    mious = [load_rank_json(out, rank)["semi_miou"] for rank in range(WORLD_SIZE)]
+    assert mious[0] == mious[1]  # one all-reduced validation of the model and its EMA
+    checkpoint = utils.load_checkpoint(os.path.join(out, "semi", utils.LAST_CHECKPOINT))
+    assert checkpoint["global_step"] == TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
+    assert checkpoint["ema_state_dict"].keys() == checkpoint["state_dict"].keys()
 
 
 @pytest.mark.slow

@@ -30,8 +30,10 @@ TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-
 # One thread per run: the runs share the CPU, and every run computes the same way.
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 RUN_NUMBERS = itertools.count()
-# Resume must stay exact with each training-order option: the default sampler and repeat-factor sampling.
-SAMPLER_CASES = {"uniform": [], "repeat-factor": ["--sampler", "repeat-factor", "--repeat-thresh", "0.5"]}
+# Resume must stay exact with each training-order option: the default sampler, repeat-factor sampling,
+# and unlabelled photos (their stream, the EMA teacher, the strong views' RNG); {root} is the data root.
+SAMPLER_CASES = {"uniform": [], "repeat-factor": ["--sampler", "repeat-factor", "--repeat-thresh", "0.5"],
+                 "unlabeled": ["--unlabeled", "{root}/test.json", "--unlabeled-ratio", "2"]}
 
 KILLED_SAVE = 3  # the saves are last.pt after steps 1, 2 and 3 of epoch 0: the third is cut in half
 # train.py, except that its KILLED_SAVE-th torch.save writes half the checkpoint and the process SIGKILLs itself.
@@ -85,7 +87,7 @@ class Run:
 
 def exact_args(data_root, output, *extra):
     return [*TINY, "--deterministic", "--data-root", str(data_root), "--cache-dir", f"{output}-cache",
-            "--output", str(output), *extra]
+            "--output", str(output), *(arg.format(root=data_root) for arg in extra)]
 
 
 def position(path):
