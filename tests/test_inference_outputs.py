@@ -76,6 +76,18 @@ def test_a_file_name_under_two_image_ids_is_refused_before_predicting(tiny_demo_
         f"{images[2]['id']}: the submission has one row per file name; remove or rename one of them")
 
 
+def test_json_images_that_would_write_one_mask_are_refused_before_predicting(tiny_demo_copy, tiny_run, run_inference,
+                                                                            no_prediction, tmp_path):
+    def same_stem(images):
+        images[1]["file_name"] = images[0]["file_name"].replace(".jpg", ".png")
+
+    images = edit_test_json(tiny_demo_copy, same_stem)
+    with pytest.raises(utils.UserError) as err:
+        run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo_copy, "--save-masks", tmp_path / "masks")
+    assert str(err.value) == (f"{images[0]['file_name']} and {images[1]['file_name']} would both write "
+                              f"{images[1]['file_name']}: rename one of them")
+
+
 def test_an_output_that_is_a_folder_is_refused_before_predicting(tiny_demo, tiny_run, run_inference, no_prediction,
                                                                  tmp_path):
     with pytest.raises(utils.UserError) as err:
