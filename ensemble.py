@@ -42,7 +42,7 @@ def add_ensemble_args(p):
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
-    p.add_argument("--batch-size", type=int, default=4,
+    p.add_argument("--batch-size", type=utils.positive_int, default=4,
                    help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
     p.add_argument("--tile", type=utils.positive_int, default=None, metavar="SIZE",
                    help="predict each image window by window, SIZE x SIZE photo pixels each (for photos larger than "
@@ -63,8 +63,30 @@ def overlap_fraction(text):
 
 
 # ---------------------------------------------------------------- models
-def resize(x, size):
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+BAND_PIXELS = 2 ** 20  # pixels of an image resized, voted and summarised at once: 44 MB of 11 class probabilities
+
+
+def resize_rows(x, size, start=0, end=None):
+    """Rows start..end of x (N x C x h x w) resized bilinearly to `size`, as F.interpolate(align_corners=False).
+
+    Only the source rows those rows read are taken (and made [0, 1] floats, as unit_range), so
+    neither a uint8 photo nor a band of it is ever held as floats at its full size.
+    """
+    end = size[0] if end is None else end
+    upper, lower, weight = source_rows(x.shape[-2], size[0], start, end, x.device)
+    rows = torch.lerp(unit_range(x[..., upper, :]), unit_range(x[..., lower, :]), weight[:, None])
+    # the height is kept, so this resizes the width alone
+    return F.interpolate(rows, size=(end - start, size[1]), mode="bilinear", align_corners=False)
+
+
+def source_rows(in_height, out_height, start, end, device):
+    """The two source rows of output rows start..end of a bilinear resize from in_height to out_height, and
+    the weight of the lower one: PyTorch's align_corners=False arithmetic, in float32 as its kernel."""
+    scale = torch.tensor(in_height, dtype=torch.float32) / out_height
+    position = (scale * (torch.arange(start, end, device=device, dtype=torch.float32) + 0.5) - 0.5).clamp_(min=0)
+    upper = position.long().clamp_(max=in_height - 1)
+    lower = (upper + 1).clamp_(max=in_height - 1)
+    return upper, lower, (position - upper).clamp_(0, 1)
 
 
 class Member(torch.nn.Module):
@@ -87,11 +109,17 @@ class Member(torch.nn.Module):
         self.probs = with_tta(probs, tta_transforms)
 
     def forward(self, images):
+        probs = self.square_probs(images)
+        if torch.is_tensor(images):
+            return resize_rows(probs, images.shape[-2:])
+        return [resize_rows(prob[None], image.shape[-2:])[0] for prob, image in zip(probs, images)]
+
+    def square_probs(self, images):
+        """The probabilities at the training size: N x C x size x size, for a batch or a list of images."""
         square = (self.size, self.size)
         if torch.is_tensor(images):
-            return resize(self.probs(resize(unit_range(images), square)), images.shape[-2:])
-        probs = self.probs(torch.cat([resize(unit_range(image[None]), square) for image in images]))
-        return [resize(prob[None], image.shape[-2:])[0] for prob, image in zip(probs, images)]
+            return self.probs(resize_rows(images, square))
+        return self.probs(torch.cat([resize_rows(image[None], square) for image in images]))
 
 
 def unit_range(images):
@@ -286,8 +314,9 @@ class Ensemble(torch.nn.Module):
     (vote counts differ by whole numbers, mean probabilities by less than 1).
 
     Images come in the form Member takes (a batch tensor or a list of images of different sizes)
-    and probabilities go out in the same form, each at its image's size. `slide` predicts one
-    image window by window, with the `tiling` settings.
+    and probabilities go out in the same form, each at its image's size. `summarise_images` keeps
+    only per-pixel maps of them, made band by band; `slide` predicts one image window by window,
+    with the `tiling` settings.
     """
 
     def __init__(self, members, vote="soft", tiling=None):
@@ -303,6 +332,26 @@ class Ensemble(torch.nn.Module):
         if torch.is_tensor(outputs[0]):
             return self.combine(outputs)
         return [self.combine(per_member) for per_member in zip(*outputs)]
+
+    def summarise_images(self, images, summarise):
+        """Images in the form Member takes -> [summarise(each image's C x H x W probabilities)], band by band.
+
+        Each member's probabilities stay at its training size (TTA merged there); bands of about
+        BAND_PIXELS pixels of an image's rows are resized from them, voted and summarised one at a time,
+        so no float map of a photo's size is built (11 probabilities of a 7000 x 7000 photo: 2.2 GB).
+        Each band's rows are those forward() gives, so the maps are summarise(forward(images)) row for row.
+        """
+        squares = [member.square_probs(images) for member in self.members]
+        maps = []
+        for index, image in enumerate(images):
+            (height, width), pieces = image.shape[-2:], []
+            step = max(1, BAND_PIXELS // width)
+            for top in range(0, height, step):
+                rows = (top, min(top + step, height))
+                band = [resize_rows(square[index:index + 1], (height, width), *rows)[0] for square in squares]
+                pieces.append(summarise(self.combine(band).float()))
+            maps.append(join_rows(pieces))
+        return maps
 
     def slide(self, image, summarise):
         """One 3 x H x W image (on any device) -> summarise(its C x H x W probabilities), window by window.
@@ -343,9 +392,7 @@ class Ensemble(torch.nn.Module):
                     for (x0, _), probs in zip(chunk, member(windows).float().cpu()):
                         band.add(probs, y0, x0)
         summarise_rows(height)
-        if torch.is_tensor(pieces[0]):
-            return torch.cat(pieces, -2)
-        return tuple(torch.cat(maps, -2) for maps in zip(*pieces))
+        return join_rows(pieces)
 
     def combine(self, member_probs):
         """The members' probabilities of one batch (N x C x H x W each) or one image (C x H x W) -> the vote's."""
@@ -357,6 +404,15 @@ class Ensemble(torch.nn.Module):
             return mean
         votes = F.one_hot(probs.argmax(-3), probs.shape[-3]).sum(0).movedim(-1, -3)
         return (votes + mean) / (len(self.members) + 1)
+
+
+def join_rows(pieces):
+    """summarise's maps of consecutive bands of rows (tensors, or tuples of them) -> the image's maps."""
+    if len(pieces) == 1:
+        return pieces[0]
+    if torch.is_tensor(pieces[0]):
+        return torch.cat(pieces, -2)
+    return tuple(torch.cat(maps, -2) for maps in zip(*pieces))
 
 
 def build_tta(args):
@@ -389,10 +445,10 @@ def predict(ensemble, loader, device, amp="off", summarise=labels_of):
 
     The loader batches uint8 images with dataset.collate_mixed: a batch tensor, or a list of images
     of different sizes. Each image's probabilities are at its own size and `summarise` maps them
-    to per-pixel maps (labels by default): only those are kept, which with tiling
-    (Ensemble.slide) bounds the memory by the window. The maps are on the device (on the CPU with
-    tiling). An image a dataset could not read (ImageFolderDataset gives its UserError instead)
-    is yielded as that UserError.
+    to per-pixel maps (labels by default): only those are kept, and the probabilities held are a
+    band of rows (Ensemble.summarise_images), or with tiling a window's (Ensemble.slide). The maps
+    are on the device (on the CPU with tiling). An image a dataset could not read
+    (ImageFolderDataset gives its UserError instead) is yielded as that UserError.
     """
     index = 0
     for images, _ in tqdm(loader, desc="predict", dynamic_ncols=True):
@@ -405,8 +461,7 @@ def predict(ensemble, loader, device, amp="off", summarise=labels_of):
             if ensemble.tiling is not None:  # the windows go to the device a few at a time
                 results = iter([ensemble.slide(image, summarise) for image in images])
             else:
-                results = iter([summarise(probs.float()) for probs in ensemble(to_device(images, device))]
-                               if len(images) else [])
+                results = iter(ensemble.summarise_images(to_device(images, device), summarise) if len(images) else [])
         for position in range(batch_size):
             yield index, errors[position] if position in errors else next(results)
             index += 1

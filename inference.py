@@ -5,13 +5,14 @@
     python inference.py --json val.json --eval            # score a labelled json
     python inference.py --oof "runs/*-fold*"              # out-of-fold mIoU of k-fold runs
     python inference.py --json val.json --eval --report reports/val   # charts and the worst images
-    python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # a folder of photos
+    python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # photos; a CSV only with --output
     python inference.py --images big_photo.jpg --tile 512 --save-masks masks/     # huge photos, window by window
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. ONNX files written by export.py work
 wherever a checkpoint does (run with onnxruntime; ensembles may mix both). Softmax probabilities are averaged
-over test-time augmentations and over checkpoints.
+over test-time augmentations and over checkpoints; they are resized to the photo a band of rows at a time, so
+a huge photo never holds its probabilities whole (or window by window with --tile).
 """
 import argparse
 import os
@@ -31,7 +32,9 @@ def get_args_parser():
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="predict these image files, folders (recursively) and globs instead of a json; "
                         "unreadable files are skipped and counted")
-    p.add_argument("--output", default="submission.csv", help="submission CSV path (written atomically)")
+    p.add_argument("--output", default=None,
+                   help="submission CSV path (written atomically); default submission.csv for a --json, none for "
+                        "--images (pass one to get a CSV of the photos too)")
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
@@ -65,6 +68,47 @@ def eval_paint_order(ensemble, paths, override=None):
 
 
 # ---------------------------------------------------------------- outputs
+def submission_path(args):
+    """Where the CSV goes (None: nowhere), after refusing outputs that could not be written, before any work.
+
+    With --images the CSV is written only when --output is given: a 256 x 256 row per photo is
+    rarely wanted for a folder of photos.
+    """
+    output = args.output or (None if args.images else "submission.csv")
+    if output and os.path.isdir(output):
+        raise utils.UserError(f"--output {output} is a folder: pass the CSV file's path, e.g. "
+                              f"{os.path.join(output, 'submission.csv')}")
+    for flag, folder in (("--save-masks", args.save_masks), ("--save-vis", args.save_vis)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise utils.UserError(f"{flag} {folder} is a file, not a folder: pass a folder to write the PNGs into")
+    if not (output or args.save_masks or args.save_vis):
+        raise utils.UserError("--images alone writes nothing: add --save-masks DIR, --save-vis DIR or --output CSV")
+    return output
+
+
+def check_unique_file_names(json_path, images):
+    """A file_name listed under two image ids would give the CSV two rows of one image_id."""
+    first_id = {}
+    for image in images:
+        name = image["file_name"]
+        if name in first_id:
+            raise utils.UserError(f"{json_path} lists {name} under image ids {first_id[name]} and {image['id']}: "
+                                  f"the submission has one row per file name; remove or rename one of them")
+        first_id[name] = image["id"]
+
+
+def report_written(args, output, count, skipped):
+    """One line for each output written: the CSV, the masks, the panels; then the unreadable files."""
+    if output:
+        print(f"wrote {output} ({count} images)")
+    if args.save_masks:
+        print(f"wrote {count} masks to {args.save_masks}")
+    if args.save_vis:
+        print(f"wrote {count} overlays to {args.save_vis}")
+    if skipped:
+        print(f"{skipped} unreadable file(s) skipped")
+
+
 def save_outputs(args, info, image_path, mask, num_classes):
     """<stem>.png label map and overlay panel, at the photo's size as displayed (the reader applies EXIF)."""
     stem = data.output_name(info["file_name"])
@@ -157,6 +201,9 @@ def open_images(args, ensemble, class_names):
     dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=ensembles.image_tensor_transform(),
                                        paint_order=paint_order, max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
+    check_unique_file_names(dataset.coco.path, dataset.images)
+    if args.save_masks or args.save_vis:
+        data.check_unique_stems(image["file_name"] for image in dataset.images)
     data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
                             fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     return dataset, dataset.coco.image_path
@@ -165,27 +212,29 @@ def open_images(args, ensemble, class_names):
 def main(args):
     if args.oof:
         return run_oof(args)
+    output = submission_path(args)
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
                                                     args.vote, ensembles.build_tiling(args))
     dataset, image_path = open_images(args, ensemble, class_names)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
     accumulator = new_report(args, class_names)
-    rows = []
+    rows, count = [], 0
     predictions = ensembles.DatasetPredictions(ensemble, dataset, args)
     for index, info, mask in predictions:
         target = dataset.label_mask(index) if args.eval else None
         if args.eval:
             confusion.update(torch.from_numpy(target), mask)
         mask = mask.cpu().numpy()
-        rows.append((info["file_name"], mask))
+        count += 1
+        if output:  # at the CSV's size: the rows of many large photos stay small
+            rows.append((info["file_name"], utils.resize_for_submission(mask)))
         if accumulator is not None:  # only with --eval
             accumulator.add(info, target, mask, image_path(info))
         save_outputs(args, info, image_path(info), mask, len(class_names))
-    # a json's images must all be in the CSV; from --images, the files that could be read
-    expected = None if args.images else [image["file_name"] for image in dataset.images]
-    utils.write_submission(args.output, rows, len(class_names), expected_ids=expected)
-    skipped = predictions.skipped
-    print(f"wrote {args.output} ({len(rows)} images" + (f"; {skipped} unreadable file(s) skipped)" if skipped else ")"))
+    if output:  # a json's images must all be in the CSV; from --images, the files that could be read
+        expected = None if args.images else [image["file_name"] for image in dataset.images]
+        utils.write_submission(output, rows, len(class_names), expected_ids=expected)
+    report_written(args, output, count, predictions.skipped)
     if args.eval:
         scores = confusion.compute()
         print(utils.format_iou_table(class_names, scores))

@@ -10,6 +10,8 @@ size, the classes found with the share of the photo each covers, and the mask
 as a paletted PNG (base64; raw labels, coloured in any viewer). With
 ?format=png or `Accept: image/png` it answers the PNG itself. One prediction
 runs at a time, off the event loop; up to --queue more wait, later ones get 503.
+An upload that sends nothing for --read-timeout seconds gets 408. Huge photos are
+labelled band by band from the models' own resolution, so memory stays bounded.
 Everything the page needs is inline: nothing is fetched from the internet.
 """
 import argparse
@@ -41,6 +43,8 @@ def get_args_parser():
     p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
     p.add_argument("--max-pixels", type=int, default=dataset.MAX_IMAGE_PIXELS, help="larger images are refused (413)")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
+    p.add_argument("--read-timeout", type=float, default=30,
+                   help="seconds an upload may send nothing before it is dropped (408)")
     return p
 
 
@@ -71,8 +75,9 @@ class Segmenter:
 
     @torch.inference_mode()
     def predict(self, rgb):
+        """The labels, made band by band from the probabilities at the models' size (bounded memory)."""
         images = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
-        return ensembles.labels_of(self.ensemble(images)[0]).cpu().numpy()
+        return self.ensemble.summarise_images(images, ensembles.labels_of)[0].cpu().numpy()
 
     def describe(self, mask):
         """The classes in the mask, largest first: id, name, colour and share of the photo's pixels."""
@@ -88,14 +93,22 @@ class Segmenter:
         return buffer.getvalue()
 
 
-async def read_body(request, max_bytes):
-    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+async def read_body(request, max_bytes, timeout):
+    """The request body, refused with 413 as soon as it is known to exceed `max_bytes`, and with 408 when
+    nothing arrives for `timeout` seconds (uvicorn's timeouts cover idle connections, not a stalled body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise BadUpload(413, f"the upload is {int(declared)} bytes, more than the limit of {max_bytes} "
                              f"(--max-upload-mb): send a smaller image")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, stream = [], 0, request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(stream), timeout)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BadUpload(408, f"the upload stalled: nothing arrived for {timeout:g} s (--read-timeout) after "
+                                 f"{size} bytes; send it again") from None
         size += len(chunk)
         if size > max_bytes:
             raise BadUpload(413, f"the upload is more than the limit of {max_bytes} bytes (--max-upload-mb)")
@@ -103,14 +116,14 @@ async def read_body(request, max_bytes):
     return b"".join(chunks)
 
 
-async def upload_bytes(request, max_bytes):
+async def upload_bytes(request, max_bytes, timeout):
     """The image bytes of a request: multipart field `file`, or the raw body."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "multipart/form-data" and not content_type.startswith(RAW_TYPES):
         raise BadUpload(415, f"Content-Type {content_type or '(none)'} is not accepted: send the image as the "
                              f"multipart field 'file', or as the body with Content-Type image/* or "
                              f"application/octet-stream")
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, timeout)
     if content_type == "multipart/form-data":
         body = await multipart_file(request, body)
     if not body:
@@ -151,7 +164,8 @@ class Gate:
             self.pending -= 1
 
 
-def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IMAGE_PIXELS, queue=4):
+def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IMAGE_PIXELS, queue=4,
+               read_timeout=30):
     app = FastAPI(title="recycleseg", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(queue)
 
@@ -170,7 +184,7 @@ def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IM
     @app.post("/predict")
     async def predict(request: Request, format: str = "json"):
         try:
-            data = await upload_bytes(request, max_upload_bytes)
+            data = await upload_bytes(request, max_upload_bytes, read_timeout)
             mask, classes, png = await gate.run(segment, data)
         except BadUpload as err:
             headers = {"Retry-After": "1"} if err.status == 503 else None
@@ -285,7 +299,7 @@ def main(args):
     import uvicorn
 
     segmenter = Segmenter(args.checkpoints, args.device)
-    app = create_app(segmenter, int(args.max_upload_mb * 1e6), args.max_pixels, args.queue)
+    app = create_app(segmenter, int(args.max_upload_mb * 1e6), args.max_pixels, args.queue, args.read_timeout)
     print(f"serving {len(segmenter.class_names)} classes on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

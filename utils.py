@@ -5,6 +5,7 @@ This module imports nothing of the toolkit's own, so every other file may use it
 """
 import argparse
 import contextlib
+import csv
 import json
 import math
 import os
@@ -486,7 +487,11 @@ def resize_for_submission(mask, size=SUBMISSION_SIZE):
 
 
 def write_submission(path, rows, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
-    """Write `(file_name, full-size mask)` rows; validated before replacing `path`."""
+    """Write `(file_name, mask of any size)` rows; validated before replacing `path`.
+
+    A file name holding a comma, a quote or a line break is quoted as CSV quotes it (pandas and
+    read_submission read it back); other rows are written as they are.
+    """
     def validate(tmp):
         try:
             read_submission(tmp, num_classes, expected_ids=expected_ids, size=size)
@@ -495,11 +500,9 @@ def write_submission(path, rows, num_classes, expected_ids=None, size=SUBMISSION
 
     with atomic_open(path, "w", validate=validate) as f:
         f.write(SUBMISSION_HEADER + "\n")
+        writer = csv.writer(f, lineterminator="\n")
         for file_name, mask in rows:
-            if "," in file_name or "\n" in file_name:
-                raise ValueError(f"image id {file_name!r} cannot go in a CSV row")
-            values = resize_for_submission(mask, size).ravel()
-            f.write(file_name + "," + " ".join(map(str, values.tolist())) + "\n")
+            writer.writerow([file_name, " ".join(map(str, resize_for_submission(mask, size).ravel().tolist()))])
 
 
 def read_submission(path, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
@@ -508,14 +511,19 @@ def read_submission(path, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
     Raises ValueError naming the file, the line and what is wrong.
     """
     masks = {}
-    with open(path) as f:
-        header = f.readline().rstrip("\n")
-        if header != SUBMISSION_HEADER:
-            raise ValueError(f"{path}: header is {header!r}, expected {SUBMISSION_HEADER!r}")
-        for line_no, line in enumerate(f, start=2):
-            image_id, sep, values = line.rstrip("\n").partition(",")
-            if not sep:
+    _allow_csv_fields(size * size * 16)  # room for any integers the values may be, so the checks below name them
+    with open(path, newline="") as f:
+        records = _numbered(csv.reader(f), path)
+        _, header = next(records, (1, []))
+        if header != SUBMISSION_HEADER.split(","):
+            raise ValueError(f"{path}: header is {','.join(header)!r}, expected {SUBMISSION_HEADER!r}")
+        for line_no, record in records:
+            if len(record) < 2:
                 raise ValueError(f"{path}:{line_no}: no comma between image_id and PredictionString")
+            if len(record) > 2:
+                raise ValueError(f"{path}:{line_no}: {len(record)} fields, expected 2: quote an image_id holding "
+                                 f"a comma")
+            image_id, values = record
             if image_id in masks:
                 raise ValueError(f"{path}:{line_no}: image {image_id} appears twice")
             masks[image_id] = _parse_prediction(values, num_classes, size, f"{path}:{line_no} ({image_id})")
@@ -526,6 +534,24 @@ def read_submission(path, num_classes, expected_ids=None, size=SUBMISSION_SIZE):
             raise ValueError(f"{path}: {len(missing)} test images missing (e.g. {missing[:3]}), "
                              f"{len(extra)} unexpected (e.g. {extra[:3]})")
     return masks
+
+
+def _numbered(records, path):
+    """(line number, record) of a csv.reader; its errors (a field over the limit...) as ValueErrors naming the line."""
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise ValueError(f"{path}:{records.line_num}: {err}") from None
+        yield records.line_num, record
+
+
+def _allow_csv_fields(chars):
+    """Raise the csv module's field limit (128 KiB by default) to `chars` if it is lower."""
+    if csv.field_size_limit() < chars:
+        csv.field_size_limit(chars)
 
 
 def _parse_prediction(text, num_classes, size, where):

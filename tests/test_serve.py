@@ -1,6 +1,7 @@
 """serve.py: POST /predict answers, every bad request gets a clear 4xx/5xx while the server keeps answering,
 and the page works in a real (headless) browser."""
 import base64
+import http.client
 import io
 import json
 import threading
@@ -21,6 +22,7 @@ import serve
 import utils
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
 from test_export import write_checkpoint
+from test_inference_outputs import largest_float_tensor
 
 MAX_UPLOAD = 100_000
 MAX_PIXELS = 500_000
@@ -145,6 +147,39 @@ def test_predict_png_from_raw_body(server, photo, checkpoint, ask):
     mask = Image.open(io.BytesIO(body))
     assert mask.mode == "P"  # raw labels, coloured by the palette in any viewer
     np.testing.assert_array_equal(np.asarray(mask), expected_mask(checkpoint, rgb))
+
+
+def test_a_large_photo_is_labelled_without_a_float_map_of_its_size(segmenter, checkpoint, monkeypatch):
+    """A 7000 x 7000 PNG once cost 2.7 GB here: 11 probabilities and 3 [0, 1] channels at the photo's size."""
+    monkeypatch.setattr(ensembles, "BAND_PIXELS", 2 ** 13)
+    height, width = 900, 1000
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (9, 10, 3), dtype=np.uint8), (width, height))
+    _, model_largest = largest_float_tensor(  # the weights, the activations, a 64 x 64 photo's probabilities
+        lambda: serve.Segmenter([str(checkpoint)]).predict(np.zeros((64, 64, 3), np.uint8)))
+    mask, largest = largest_float_tensor(segmenter.predict, rgb)
+    assert largest <= max(model_largest, 3 * 64 * width, 11 * 2 ** 13)  # or the photo's rows it reads, a band
+    assert largest < height * width
+    np.testing.assert_array_equal(mask, expected_mask(checkpoint, rgb))
+    assert len(np.unique(mask)) > 1
+
+
+def test_a_stalled_upload_gets_408_and_the_server_keeps_answering(segmenter):
+    running = Running(segmenter, read_timeout=0.5)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=30)
+        connection.putrequest("POST", "/predict")
+        connection.putheader("Content-Type", "image/png")
+        connection.putheader("Content-Length", "1000")
+        started = time.monotonic()
+        connection.endheaders(b"\x89PNG")  # 4 of the 1000 bytes announced, then nothing
+        response = connection.getresponse()
+        assert response.status == 408 and time.monotonic() - started < 10
+        assert json.loads(response.read())["detail"] == ("the upload stalled: nothing arrived for 0.5 s "
+                                                         "(--read-timeout) after 4 bytes; send it again")
+        connection.close()
+        assert post(running.url + "/predict", png_bytes(np.zeros((8, 8, 3), np.uint8)), "image/png")[0] == 200
+    finally:
+        running.close()
 
 
 def test_exif_orientation_is_applied(server):
