@@ -1358,11 +1358,13 @@ def fold_image_ids(coco, fold, n_splits=5, seed=0):
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
 
 
-def write_subset(root, json_name, n, seed=0):
+def write_subset(root, json_name, n, seed=0, unlabeled_rest=False):
     """Split a json's images into `n` drawn at random (seeded) and the rest.
 
     Writes STEM_N.json and STEM_N_rest.json next to it, each with its images'
-    annotations (e.g. few-label experiments: train on one, pseudo-label the other).
+    annotations (e.g. few-label experiments: train on one, pseudo-label the other);
+    with `unlabeled_rest`, STEM_N_unlabeled.json instead, the rest without annotations
+    (an unlabelled pool for train.py --unlabeled).
     """
     path = os.path.join(root, json_name)
     Coco(path, root)  # refuses a json the training would refuse, before anything is written
@@ -1375,9 +1377,11 @@ def write_subset(root, json_name, n, seed=0):
     chosen = set(np.random.default_rng(seed).choice(image_ids, n, replace=False).tolist())
     stem = os.path.splitext(json_name)[0]
     written = []
-    for suffix, inside in ((f"_{n}", True), (f"_{n}_rest", False)):
+    rest = f"_{n}_unlabeled" if unlabeled_rest else f"_{n}_rest"
+    for suffix, inside in ((f"_{n}", True), (rest, False)):
         part = dict(coco, images=[im for im in coco["images"] if (im["id"] in chosen) == inside],
-                    annotations=[a for a in coco.get("annotations", []) if (a["image_id"] in chosen) == inside])
+                    annotations=[a for a in coco.get("annotations", [])
+                                 if (a["image_id"] in chosen) == inside and (inside or not unlabeled_rest)])
         written.append(os.path.join(root, stem + suffix + ".json"))
         atomic_write_json(written[-1], part)
     return written
@@ -1429,6 +1433,8 @@ def get_args_parser():
     subset.add_argument("--json", default="train.json", help="json file, relative to the root")
     subset.add_argument("--n", type=int, required=True, help="images in the subset")
     subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--unlabeled-rest", action="store_true",
+                        help="write the rest without annotations, as STEM_N_unlabeled.json (for train.py --unlabeled)")
     return parser
 
 
@@ -1438,7 +1444,7 @@ def main(args):
     prepare_data_root(args.root)
     require_json(args.root, args.json, "--json")
     if args.command == "subset":
-        print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed)))
+        print("wrote " + " and ".join(write_subset(args.root, args.json, args.n, args.seed, args.unlabeled_rest)))
     else:
         summarise(args.root, args.json, args.paint_order)
         if args.report:

@@ -523,3 +523,8 @@ def test_subset_splits_images_with_their_annotations(tmp_path):
     assert {im["id"] for im in json.load(open(again[0]))["images"]} == chosen_ids
     with pytest.raises(ValueError, match="subset size must be 1..5, not 6"):
         dataset.write_subset(str(tmp_path), "train.json", 6)
+    labelled, pool = (json.load(open(p)) for p in dataset.write_subset(str(tmp_path), "train.json", 2, seed=5,
+                                                                        unlabeled_rest=True))
+    assert {im["id"] for im in labelled["images"]} == chosen_ids and len(labelled["annotations"]) == 2
+    assert {im["id"] for im in pool["images"]} == rest_ids and pool["annotations"] == []
+    assert os.path.isfile(tmp_path / "train_2_unlabeled.json")
