@@ -82,7 +82,7 @@ def test_fp16_overflow_steps_are_skipped_and_counted():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     state = {"model": net, "optimizer": optimizer, "scaler": torch.amp.GradScaler("cpu", init_scale=4.0),
              "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-             "global_step": 0, "skipped_steps": 0}
+             "global_step": 0, "skipped_steps": 0, "teacher": None}
     before = net.weight.detach().clone()
     for factor, changed in [(math.inf, False), (1.0, True)]:  # an overflowing loss, then a normal one
         state["scaler"].scale(net(torch.ones(1, 2)).sum() * factor).backward()

@@ -99,7 +99,7 @@ def one_epoch(batches, accum_steps):
     state = {"model": net, "optimizer": optimizer, "criterion": losses.build_loss("ce", 4),
              "scaler": torch.amp.GradScaler("cpu", enabled=False),
              "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-             "global_step": 0, "skipped_steps": 0}
+             "global_step": 0, "skipped_steps": 0, "teacher": None}
     args = argparse.Namespace(accum_steps=accum_steps, device="cpu", amp="off", channels_last=False, clip_grad=None)
     train.train_one_epoch(state, batches, 0, 0, len(batches), args, 0, lambda *_: None)
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), state["global_step"]
