@@ -7,6 +7,7 @@
     python inference.py --json val.json --eval --report reports/val   # charts and the worst images
     python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # photos; a CSV only with --output
     python inference.py --images big_photo.jpg --tile 512 --save-masks masks/     # huge photos, window by window
+    python inference.py --checkpoints runs/demo --images pool/ --rank-uncertain 50 --output to_label.csv  # label next
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. ONNX files written by export.py work
@@ -15,9 +16,12 @@ over test-time augmentations and over checkpoints; they are resized to the photo
 a huge photo never holds its probabilities whole (or window by window with --tile).
 """
 import argparse
+import collections
+import csv
 import os
 
 import cv2
+import numpy as np
 import torch
 
 import dataset as data
@@ -34,7 +38,7 @@ def get_args_parser():
                         "unreadable files are skipped and counted")
     p.add_argument("--output", default=None,
                    help="submission CSV path (written atomically); default submission.csv for a --json, none for "
-                        "--images (pass one to get a CSV of the photos too)")
+                        "--images (pass one to get a CSV of the photos too); with --rank-uncertain, the ranking's CSV")
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
@@ -49,6 +53,17 @@ def get_args_parser():
     p.add_argument("--report", default=None, metavar="DIR",
                    help="with --eval or --oof: write the evaluation report (charts, report.json, index.html) here")
     p.add_argument("--report-worst", type=int, default=12, metavar="K", help="worst images shown in the report")
+    p.add_argument("--rank-uncertain", type=utils.positive_int, default=None, metavar="N",
+                   help="what to label next: write the N photos the model is least sure of to --output (a CSV: rank, "
+                        "file_name, path, score, then per class the share of the photo's pixels predicted as that "
+                        "class and uncertain), a COCO json of them without annotations (same stem, .json) and a "
+                        "contact sheet (same stem, .png); no submission. Score: the mean over the photo's pixels of "
+                        "1 - (p1 - p2), the gap between the two most probable classes (after the ensemble's vote and "
+                        f"TTA); a pixel is uncertain above {UNCERTAIN_ABOVE}")
+    p.add_argument("--duplicate-distance", type=hash_distance, default=6, metavar="BITS",
+                   help="with --rank-uncertain, skip a photo whose 64-bit difference hash is within BITS bits of an "
+                        "already chosen photo's (near-duplicates such as video frames of one scene); 0: only equal "
+                        "hashes")
     return p
 
 
@@ -75,15 +90,20 @@ def submission_path(args):
     rarely wanted for a folder of photos.
     """
     output = args.output or (None if args.images else "submission.csv")
-    if output and os.path.isdir(output):
-        raise utils.UserError(f"--output {output} is a folder: pass the CSV file's path, e.g. "
-                              f"{os.path.join(output, 'submission.csv')}")
+    if output:
+        refuse_folder(output, "submission.csv")
     for flag, folder in (("--save-masks", args.save_masks), ("--save-vis", args.save_vis)):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise utils.UserError(f"{flag} {folder} is a file, not a folder: pass a folder to write the PNGs into")
     if not (output or args.save_masks or args.save_vis):
         raise utils.UserError("--images alone writes nothing: add --save-masks DIR, --save-vis DIR or --output CSV")
     return output
+
+
+def refuse_folder(output, example):
+    if os.path.isdir(output):
+        raise utils.UserError(f"--output {output} is a folder: pass the CSV file's path, e.g. "
+                              f"{os.path.join(output, example)}")
 
 
 def check_unique_file_names(json_path, images):
@@ -209,12 +229,180 @@ def open_images(args, ensemble, class_names):
     return dataset, dataset.coco.image_path
 
 
+# ---------------------------------------------------------------- what to label next (--rank-uncertain)
+UNCERTAIN_ABOVE = 0.5  # a pixel whose two most probable classes are less than 0.5 apart is uncertain
+HASH_BITS = 64  # of a difference hash: 8 rows of 8 comparisons
+SHEET_PHOTOS = 60  # the contact sheet shows the first 60 photos of a longer ranking
+THUMBNAIL_SIDE = 256  # the longer side of a contact sheet's photo, in pixels
+
+
+def hash_distance(text):
+    """argparse type: a number of bits, 0 to HASH_BITS."""
+    value = utils.non_negative_int(text)
+    if value > HASH_BITS:
+        raise argparse.ArgumentTypeError(f"must be at most {HASH_BITS} (the bits of a difference hash), got {value}")
+    return value
+
+
+def uncertainty_sums(probs):
+    """C x H x W probabilities -> 1 x (1 + 2C) float64 sums over the pixels, on the CPU: of the uncertainty
+    1 - (p1 - p2), then per class of the pixels predicted as it, then of those of them that are uncertain.
+
+    A margin rather than entropy: it says how close each pixel's label is to flipping, the decision a
+    labeller corrects, and lies in [0, 1] whatever the number of classes (entropy also grows with
+    probability spread over classes no one doubts). Sums rather than maps: predict() joins a photo's
+    bands of rows row-wise, so a photo gives a bands x (1 + 2C) table whose column sums are its own,
+    and no per-pixel map of a photo is ever kept.
+    """
+    top, labels = probs.topk(2, dim=0)
+    uncertainty = (1 - (top[0] - top[1])).flatten()
+    labels, num_classes = labels[0].flatten(), probs.shape[0]
+    predicted = torch.bincount(labels, minlength=num_classes)
+    uncertain = torch.bincount(labels[uncertainty > UNCERTAIN_ABOVE], minlength=num_classes)
+    return torch.cat([sums.cpu().double() for sums in (uncertainty.sum()[None], predicted, uncertain)])[None]
+
+
+def photo_uncertainty(sums, num_classes):
+    """A photo's uncertainty_sums (any number of rows) -> (mean uncertainty, per class the share of its pixels
+    predicted as that class and uncertain)."""
+    totals = sums.sum(0)
+    pixels = totals[1:1 + num_classes].sum()
+    return (totals[0] / pixels).item(), (totals[1 + num_classes:] / pixels).tolist()
+
+
+def difference_hash(rgb):
+    """64-bit dHash: is each pixel of a 9 x 8 grey thumbnail brighter than its left neighbour. Photos of one
+    scene (video frames, resized or recompressed copies) differ in a few bits, other photos in about half."""
+    grey = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (9, 8), interpolation=cv2.INTER_AREA)
+    return int.from_bytes(np.packbits(grey[:, 1:] > grey[:, :-1]).tobytes(), "big")
+
+
+def hash_bits_apart(a, b):
+    return (a ^ b).bit_count()
+
+
+def thumbnail(rgb, side=THUMBNAIL_SIDE):
+    scale = min(1.0, side / max(rgb.shape[:2]))
+    size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+Candidate = collections.namedtuple("Candidate", "file_name path score shares")
+Chosen = collections.namedtuple("Chosen", "candidate height width thumbnail")
+
+
+def pick_distinct(candidates, count, distance, max_pixels):
+    """The `count` most uncertain candidates, skipping each whose dHash is within `distance` bits of a chosen
+    one's; (chosen, how many were skipped). Only the photos walked through are read again."""
+    chosen, hashes, skipped = [], [], 0
+    for candidate in sorted(candidates, key=lambda c: -c.score):  # a stable sort: ties keep the photos' order
+        if len(chosen) == count:
+            break
+        rgb = data.read_image(candidate.path, max_pixels=max_pixels)
+        code = difference_hash(rgb)
+        if any(hash_bits_apart(code, other) <= distance for other in hashes):
+            skipped += 1
+            continue
+        hashes.append(code)
+        chosen.append(Chosen(candidate, *rgb.shape[:2], thumbnail(rgb) if len(chosen) < SHEET_PHOTOS else None))
+    return chosen, skipped
+
+
+def ranking_paths(args):
+    """(CSV, COCO json, contact sheet) of --rank-uncertain, after refusing what could not work; before any work."""
+    if args.eval or args.oof or args.report:
+        raise utils.UserError("--rank-uncertain ranks photos by the model's own uncertainty, without labels: "
+                              "drop --eval, --oof and --report")
+    for flag, folder in (("--save-masks", args.save_masks), ("--save-vis", args.save_vis)):
+        if folder:
+            raise utils.UserError(f"--rank-uncertain writes the ranking only: drop {flag} (run inference.py "
+                                  f"without --rank-uncertain for the masks)")
+    if not args.output:
+        raise utils.UserError("--rank-uncertain needs --output CSV, e.g. --output to_label.csv (the COCO json and "
+                              "contact sheet go beside it: to_label.json, to_label.png)")
+    refuse_folder(args.output, "to_label.csv")
+    stem, extension = os.path.splitext(args.output)
+    if extension.lower() != ".csv":
+        raise utils.UserError(f"--output {args.output} must end in .csv with --rank-uncertain (e.g. {stem}.csv): "
+                              f"the COCO json and contact sheet go beside it as {stem}.json and {stem}.png")
+    paths = (args.output, stem + ".json", stem + ".png")
+    for path in paths[1:]:
+        if os.path.isdir(path):
+            raise utils.UserError(f"{path} is a folder, where --output {args.output} puts its "
+                                  f"{os.path.splitext(path)[1]} file: pass another --output")
+    return paths
+
+
+def write_ranking_csv(path, chosen, class_names):
+    with utils.atomic_open(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["rank", "file_name", "path", "score", *(f"uncertain {name}" for name in class_names)])
+        for rank, photo in enumerate(chosen, 1):
+            c = photo.candidate
+            writer.writerow([rank, c.file_name, c.path, f"{c.score:.6f}", *(f"{share:.6f}" for share in c.shares)])
+
+
+def labelling_task(chosen, class_names):
+    """COCO json of the chosen photos (id = rank) and the classes, without annotations, for a labelling tool.
+
+    File names are relative to the photos' common folder, which `info` names (image_root).
+    """
+    root = os.path.commonpath([os.path.dirname(photo.candidate.path) for photo in chosen])
+    images = [{"id": rank, "file_name": os.path.relpath(photo.candidate.path, root), "width": photo.width,
+               "height": photo.height} for rank, photo in enumerate(chosen, 1)]
+    categories = [{"id": label, "name": name} for label, name in enumerate(class_names[1:], 1)]  # not Background
+    info = {"description": "photos to label next, most uncertain first (inference.py --rank-uncertain)",
+            "image_root": root}
+    return {"info": info, "images": images, "annotations": [], "categories": categories}
+
+
+def write_contact_sheet(path, chosen):
+    import report  # matplotlib is loaded only when a contact sheet is asked for
+
+    shown = chosen[:SHEET_PHOTOS]
+    captions = [f"#{rank}  {photo.candidate.score:.3f}\n{os.path.basename(photo.candidate.file_name)}"
+                for rank, photo in enumerate(shown, 1)]
+    title = f"The {len(shown)} photos to label first" + (f" of {len(chosen)}" if len(chosen) > len(shown) else "")
+    report.save_figure(report.contact_sheet([photo.thumbnail for photo in shown], captions, title), path)
+
+
+def rank_uncertain(args):
+    """Write the --rank-uncertain N least certain distinct photos: CSV, COCO json and contact sheet."""
+    csv_path, json_path, sheet_path = ranking_paths(args)
+    ensemble, class_names = load_ensemble(args)
+    dataset, image_path = open_images(args, ensemble, class_names)
+    predictions = ensembles.DatasetPredictions(ensemble, dataset, args, summarise=uncertainty_sums)
+    candidates = [Candidate(info["file_name"], os.path.abspath(image_path(info)),
+                            *photo_uncertainty(sums, len(class_names))) for _, info, sums in predictions]
+    if not candidates:
+        raise utils.UserError(f"none of the {predictions.skipped} photos could be read: nothing to rank")
+    chosen, duplicates = pick_distinct(candidates, args.rank_uncertain, args.duplicate_distance,
+                                       args.max_image_pixels)
+    write_ranking_csv(csv_path, chosen, class_names)
+    utils.atomic_write_json(json_path, labelling_task(chosen, class_names))
+    write_contact_sheet(sheet_path, chosen)
+    print(f"ranked {len(candidates)} photos; wrote the {len(chosen)} least certain to {csv_path}, {json_path} "
+          f"and {sheet_path}")
+    print(f"{duplicates} near-duplicate(s) skipped (dHash within {args.duplicate_distance} bits of a chosen photo)")
+    if len(chosen) < args.rank_uncertain:
+        print(f"only {len(chosen)} distinct photos: fewer than --rank-uncertain {args.rank_uncertain}")
+    if predictions.skipped:
+        print(f"{predictions.skipped} unreadable file(s) skipped")
+    return [photo.candidate for photo in chosen]
+
+
+def load_ensemble(args):
+    return ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args), args.vote,
+                                   ensembles.build_tiling(args))
+
+
 def main(args):
+    if args.rank_uncertain:
+        return rank_uncertain(args)
     if args.oof:
         return run_oof(args)
     output = submission_path(args)
-    ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
-                                                    args.vote, ensembles.build_tiling(args))
+    ensemble, class_names = load_ensemble(args)
     dataset, image_path = open_images(args, ensemble, class_names)
     confusion = utils.ConfusionMatrix(len(class_names), device=args.device)
     accumulator = new_report(args, class_names)

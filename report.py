@@ -45,10 +45,8 @@ class Report:
 
     def add_figure(self, name, fig, caption):
         """Render `fig` into NAME.png (its size in pixels is its size in inches times DPI)."""
-        FigureCanvasAgg(fig)
         file_name = name + ".png"
-        with utils.atomic_open(os.path.join(self.folder, file_name), "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
+        save_figure(fig, os.path.join(self.folder, file_name))
         width, height = (round(inches * DPI) for inches in fig.get_size_inches())
         title = fig.get_suptitle() or " / ".join(ax.get_title() for ax in fig.axes if ax.get_title())
         entry = {"file": file_name, "width": width, "height": height, "title": title}
@@ -173,6 +171,13 @@ def heatmap(fig, ax, values, texts, row_names, col_names, title, xlabel, ylabel,
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+
+
+def save_figure(fig, path):
+    """Render `fig` into the PNG `path`: its size in pixels is its size in inches times DPI."""
+    FigureCanvasAgg(fig)
+    with utils.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
 
 
 def new_figure(width, height):
@@ -356,6 +361,25 @@ def sample_grid(dataset, indices, columns=4):
         ax.set_axis_off()
     fig.suptitle("Sample images with their masks")
     class_legend(fig, dataset.class_names, sorted(shown) or [0])
+    return fig
+
+
+# ---------------------------------------------------------------- contact sheet
+SHEET_INCHES = 2  # a contact sheet's photo and its caption
+SHEET_TITLE_INCHES = 0.5
+
+
+def contact_sheet(thumbnails, captions, title, columns=6):
+    """RGB photos in a grid, each under its caption: SHEET_INCHES squares, `columns` a row, and a title band."""
+    columns = min(columns, len(thumbnails))
+    rows = math.ceil(len(thumbnails) / columns)
+    fig = new_figure(SHEET_INCHES * columns, SHEET_INCHES * rows + SHEET_TITLE_INCHES)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, rgb, caption in zip(axes, thumbnails, captions):
+        show_image(ax, rgb, caption)
+    for ax in axes[len(thumbnails):]:
+        ax.set_axis_off()
+    fig.suptitle(title)
     return fig
 
 
