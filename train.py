@@ -31,7 +31,7 @@ import utils
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
 SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
-RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir",
+RESUME_FREE_ARGS = ("resume", "overwrite", "config", "output", "workers", "val_every", "save_every_steps", "cache_dir",
                     "preflight", "max_image_pixels")
 # what a run writes in its folder
 RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")
@@ -385,7 +385,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
     model, optimizer, criterion = state["model"], state["optimizer"], state["criterion"]
     model.train()
     batches = zip(loader, unlabeled) if unlabeled is not None else ((batch, None) for batch in loader)
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", initial=start_step, total=batches_per_epoch,
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", initial=start_step, total=batches_per_epoch,
                disable=rank != 0, dynamic_ncols=True)
     for step, ((images, masks), weak) in enumerate(bar, start=start_step):
         images, masks = to_device(images, masks, args)
@@ -633,10 +633,10 @@ def startup_summary(args, train_set, train_mix, val_set, unlabeled_loader, model
     more += [f"+ {len(part)} pseudo-labelled per epoch, drawn from {len(part.pseudo)}" for part in pseudo]
     if unlabeled_loader is not None:
         more.append(f"+ {len(unlabeled_loader.dataset)} unlabelled")
-    sizes = [(info["width"], info["height"]) for part in [train_set, *extra, val_set] for info in part.images]
-    smallest, largest = min(sizes, key=lambda s: s[0] * s[1]), max(sizes, key=lambda s: s[0] * s[1])
-    native = f"all {smallest[0]}x{smallest[1]}" if smallest == largest else \
-        f"{smallest[0]}x{smallest[1]} to {largest[0]}x{largest[1]}"
+    sizes = sorted({(info["width"], info["height"]) for part in [train_set, *extra, val_set] for info in part.images},
+                   key=lambda size: (size[0] * size[1], size))  # by pixels
+    native = [f"{width}x{height}" for width, height in (sizes[0], sizes[-1])]
+    native = f"all {native[0]}" if len(sizes) == 1 else f"{native[0]} to {native[1]}"
     parameters = sum(p.numel() for p in unwrap(model).parameters())
     names = train_set.class_names
     processes = f" x {world_size} processes" if world_size > 1 else ""

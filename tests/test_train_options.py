@@ -88,7 +88,7 @@ def test_accumulation_takes_one_optimizer_step_per_accum_batches(tiny_demo, run_
     run_train(tiny_demo, "--epochs", 1, "--accum-steps", 3, "--output", tmp_path / "run")
     assert global_step(tmp_path / "run") == 2  # ceil(4 batches / 3): the last, short group steps too
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [record["epoch"] for record in history] == [0]
+    assert [record["epoch"] for record in history] == [1]
 
 
 def one_epoch(batches, accum_steps):
@@ -99,7 +99,7 @@ def one_epoch(batches, accum_steps):
     state = {"model": net, "optimizer": optimizer, "criterion": losses.build_loss("ce", 4),
              "scaler": torch.amp.GradScaler("cpu", enabled=False),
              "scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
-             "global_step": 0, "skipped_steps": 0}
+             "global_step": 0, "skipped_steps": 0, "teacher": None}
     args = argparse.Namespace(accum_steps=accum_steps, device="cpu", amp="off", channels_last=False, clip_grad=None)
     train.train_one_epoch(state, batches, 0, 0, len(batches), args, 0, lambda *_: None)
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()]), state["global_step"]
