@@ -1,5 +1,5 @@
-"""Metric, seeding, atomic writes, checkpoints, device and precision flags, palette, text tables
-and the submission CSV.
+"""Metric, seeding, atomic writes, checkpoints, command-line flags (--config files, help with defaults),
+device and precision flags, palette, text tables and the submission CSV.
 
 This module imports nothing of the toolkit's own, so every other file may use it.
 """
