@@ -30,8 +30,8 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import default_collate
 
 import demo
-from utils import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, UserError, atomic_write_json, atomic_write_npy,
-                   atomic_write_png, format_class_table, run_main)
+from utils import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, HelpFormatter, UserError, atomic_write_json,
+                   atomic_write_npy, atomic_write_png, format_class_table, run_main)
 
 DEFAULT_DATA_ROOT = demo.DEFAULT_ROOT  # the synthetic demo set, built there on first use
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "recycleseg", "masks")
@@ -1415,24 +1415,28 @@ def summarise(root, json_name, paint_order="area"):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_demo_args(commands.add_parser("make-demo", help="build the synthetic demo dataset (as python demo.py)"))
-    summary = commands.add_parser("summary", help="annotation and pixel counts per class")
+    demo.add_demo_args(commands.add_parser("make-demo", help="build the synthetic demo dataset (as python demo.py)",
+                                          formatter_class=HelpFormatter))
+    summary = commands.add_parser("summary", help="annotation and pixel counts per class",
+                                  formatter_class=HelpFormatter)
     summary.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     summary.add_argument("--json", default="train_all.json", help="json file, relative to the root")
-    summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area")
+    summary.add_argument("--paint-order", choices=PAINT_ORDERS, default="area",
+                         help="overlap rule when painting annotations (as train.py's)")
     summary.add_argument("--report", default=None, metavar="DIR",
                          help="also write charts, report.json and index.html to this folder (see docs/reports.md)")
     summary.add_argument("--fold", type=int, default=None,
                          help="with --report: chart the per-fold class balance of train.py's k-fold split")
-    summary.add_argument("--n-folds", type=int, default=5)
-    summary.add_argument("--fold-seed", type=int, default=0)
-    subset = commands.add_parser("subset", help="split a json into N random images and the rest")
+    summary.add_argument("--n-folds", type=int, default=5, help="with --fold: number of folds (as train.py's)")
+    summary.add_argument("--fold-seed", type=int, default=0, help="with --fold: seed of the split (as train.py's)")
+    subset = commands.add_parser("subset", help="split a json into N random images and the rest",
+                                 formatter_class=HelpFormatter)
     subset.add_argument("--root", default=DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
     subset.add_argument("--json", default="train.json", help="json file, relative to the root")
     subset.add_argument("--n", type=int, required=True, help="images in the subset")
-    subset.add_argument("--seed", type=int, default=0)
+    subset.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
     subset.add_argument("--unlabeled-rest", action="store_true",
                         help="write the rest without annotations, as STEM_N_unlabeled.json (for train.py --unlabeled)")
     return parser

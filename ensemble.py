@@ -51,7 +51,8 @@ def add_ensemble_args(p):
                    help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
     p.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
-    p.add_argument("--workers", type=utils.non_negative_int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--workers", type=utils.non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="data loader worker processes")
     utils.add_device_args(p)
 
 

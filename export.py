@@ -27,7 +27,7 @@ import utils
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder (its best.pt)")
     p.add_argument("--output", required=True, help="ONNX file to write")
     p.add_argument("--size", type=int, default=None, help="input height and width (default: the training size)")

@@ -30,7 +30,7 @@ import utils
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     ensembles.add_ensemble_args(p)
     p.add_argument("--json", default="test.json", help="images to predict, relative to --data-root")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",

@@ -34,7 +34,7 @@ UNFINISHED = "unfinished.json"  # the masks a run may have written, until it wri
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     ensembles.add_ensemble_args(p)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--json", default="test.json",

@@ -34,11 +34,11 @@ RAW_TYPES = ("image/", "application/octet-stream")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     p.add_argument("--checkpoints", nargs="+", default=[ensembles.DEFAULT_CHECKPOINTS],
                    help="checkpoint files, run folders, ONNX files from export.py or globs (an ensemble)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     utils.add_device_args(p, amp_help=None)
     p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
     p.add_argument("--max-pixels", type=int, default=dataset.MAX_IMAGE_PIXELS, help="larger images are refused (413)")

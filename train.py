@@ -31,17 +31,19 @@ import utils
 PANEL_IMAGES = 4  # fixed val images shown in TensorBoard
 SAMPLERS = ("uniform", "repeat-factor")
 # Arguments a resumed run may change without leaving the path of the uninterrupted run.
-RESUME_FREE_ARGS = ("resume", "overwrite", "output", "workers", "val_every", "save_every_steps", "cache_dir",
+RESUME_FREE_ARGS = ("resume", "overwrite", "config", "output", "workers", "val_every", "save_every_steps", "cache_dir",
                     "preflight", "max_image_pixels")
 # what a run writes in its folder
 RUN_FILES = (utils.LAST_CHECKPOINT, utils.BEST_CHECKPOINT, "metrics.json", "args.json", "tb")
 DEFAULT_TRAIN_JSON, DEFAULT_VAL_JSON = "train.json", "val.json"
+# what only last.pt keeps: best.pt is for predicting, and these would double its size
+TRAINING_STATE_KEYS = ("optimizer", "scheduler", "scaler", "rng", "ema_state_dict")
 RESUME_KEYS = utils.MODEL_KEYS + ("epoch", "step_in_epoch", "global_step", "best_miou", "skipped_steps",
                                   "optimizer", "scheduler", "scaler", "rng", "args")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT,
                    help="dataset folder with the COCO jsons and images (default: the synthetic demo set)")
@@ -104,7 +106,7 @@ def get_args_parser():
                         "validated beside the model and best.pt holds whichever scores higher")
     g.add_argument("--ema-decay", type=float, default=0.999, help="the EMA's decay per optimizer step, once warmed up")
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="unetpp", help=f"architecture: {', '.join(models.list_models())}")
+    g.add_argument("--model", choices=models.list_models(), default="unetpp", help="architecture (docs/models.md)")
     g.add_argument("--encoder", default="effb0",
                    help="timm encoder name or alias (" + ", ".join(f"{k}={v}" for k, v in models.ENCODER_ALIASES.items()) + ")")
     g.add_argument("--pretrained", action="store_true", help="start from the encoder's timm hub weights (needs internet)")
@@ -128,17 +130,21 @@ def get_args_parser():
     g.add_argument("--ohem-min-kept", type=int, default=10000,
                    help="ohem loss: keep at least this many pixels per image (the least confident)")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
-    g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam")
+    g.add_argument("--optimizer", choices=schedulers.OPTIMIZER_NAMES, default="radam",
+                   help="radam (decoupled weight decay), adamw or sgd (Nesterov, momentum 0.9)")
     g.add_argument("--lr", type=utils.positive_float, default=2e-3,
                    help="peak learning rate (the default suits random init; lower it, e.g. 5e-4, with pretrained weights)")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="weight decay of the weights (biases and norm scales are not decayed)")
+    g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine",
+                   help="learning rate per step after the warmup: cosine (with restarts: --cycle-epochs), poly "
+                        "or constant")
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length in epochs")
     g.add_argument("--cycle-epochs", type=float, default=None,
                    help="cosine restart period in epochs (default: one cycle over the whole run)")
     g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
     g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
-    g.add_argument("--epochs", type=utils.positive_int, default=30)
+    g.add_argument("--epochs", type=utils.positive_int, default=30, help="training epochs (passes over the data)")
     g.add_argument("--batch-size", type=utils.positive_int, default=8, help="images per step and process")
     g.add_argument("--accum-steps", type=utils.positive_int, default=1,
                    help="gradient accumulation steps per optimizer step")
@@ -150,15 +156,18 @@ def get_args_parser():
     g.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (torchrun)")
     g = p.add_argument_group("run")
     g.add_argument("--output", default=None, help="run folder (default: runs/MODEL-ENCODER[-foldK])")
-    g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (default: the run folder's last.pt)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in a run folder that holds a checkpoint: its run files "
-                        f"({', '.join(RUN_FILES)}) are deleted once the new run has passed its checks")
+    # these two act on the run folder, so a replayed args.json (--config) does not repeat them
+    resume = g.add_argument("--resume", nargs="?", const="auto", default=None,
+                            help="resume from a last.pt (default: the run folder's last.pt)")
+    overwrite = g.add_argument("--overwrite", action="store_true",
+                               help="start afresh in a run folder that holds a checkpoint: its run files "
+                                    f"({', '.join(RUN_FILES)}) are deleted once the new run has passed its checks")
+    utils.command_line_only(resume), utils.command_line_only(overwrite)
     g.add_argument("--val-every", type=utils.positive_int, default=1,
                    help="validate every N epochs (and after the last)")
     g.add_argument("--save-every-steps", type=int, default=0, help="also save last.pt every N optimizer steps")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights' init, the order of the images and their augmentation")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
     g.add_argument("--no-preflight", dest="preflight", action="store_false",
                    help="skip the check before training (one training batch, validation on two val batches)")
@@ -376,7 +385,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
     model, optimizer, criterion = state["model"], state["optimizer"], state["criterion"]
     model.train()
     batches = zip(loader, unlabeled) if unlabeled is not None else ((batch, None) for batch in loader)
-    bar = tqdm(batches, desc=f"epoch {epoch}", initial=start_step, total=batches_per_epoch,
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}", initial=start_step, total=batches_per_epoch,
                disable=rank != 0, dynamic_ncols=True)
     for step, ((images, masks), weak) in enumerate(bar, start=start_step):
         images, masks = to_device(images, masks, args)
@@ -553,6 +562,24 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, 
     }
 
 
+def prediction_checkpoint(checkpoint):
+    """best.pt: the checkpoint less its training state (TRAINING_STATE_KEYS), which only resuming needs."""
+    return {key: value for key, value in checkpoint.items() if key not in TRAINING_STATE_KEYS}
+
+
+def load_resume_checkpoint(path):
+    """The checkpoint --resume continues from; a best.pt (weights without training state) is refused."""
+    checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if "optimizer" in missing:
+        raise utils.UserError(f"--resume {path}: this checkpoint holds the weights to predict with (a best.pt) but no "
+                              f"training state (optimizer, scheduler, RNG): pass the run's "
+                              f"{utils.LAST_CHECKPOINT} ({os.path.join(os.path.dirname(path), utils.LAST_CHECKPOINT)})")
+    if missing:
+        raise utils.UserError(f"--resume {path} lacks {missing}: pass a {utils.LAST_CHECKPOINT} that train.py wrote")
+    return checkpoint
+
+
 def check_resumable(checkpoint, args, source="checkpoint"):
     """Before anything is built: another model, model options or optimizer is an error naming both,
     since the checkpoint's weights or optimizer state would not fit this run's."""
@@ -594,6 +621,38 @@ def changed_args(saved, args):
 
 
 # ---------------------------------------------------------------- logging
+PRECISION = {"off": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with a gradient scaler"}
+
+
+def startup_summary(args, train_set, train_mix, val_set, unlabeled_loader, model, world_size):
+    """What the run learns from, with which model, on what, and where it writes: a few lines to read
+    before the preflight and the epochs start."""
+    extra = [part for part in train_mix.datasets[1:] if not isinstance(part, data.RatioMix)]
+    pseudo = [part for part in train_mix.datasets[1:] if isinstance(part, data.RatioMix)]
+    more = [f"+ {sum(len(part) for part in extra)} extra (--extra-json)"] if extra else []
+    more += [f"+ {len(part)} pseudo-labelled per epoch, drawn from {len(part.pseudo)}" for part in pseudo]
+    if unlabeled_loader is not None:
+        more.append(f"+ {len(unlabeled_loader.dataset)} unlabelled")
+    sizes = sorted({(info["width"], info["height"]) for part in [train_set, *extra, val_set] for info in part.images},
+                   key=lambda size: (size[0] * size[1], size))  # by pixels
+    native = [f"{width}x{height}" for width, height in (sizes[0], sizes[-1])]
+    native = f"all {native[0]}" if len(sizes) == 1 else f"{native[0]} to {native[1]}"
+    parameters = sum(p.numel() for p in unwrap(model).parameters())
+    names = train_set.class_names
+    processes = f" x {world_size} processes" if world_size > 1 else ""
+    return "\n".join([
+        f"data:   {len(train_set)} training images" + (f" ({', '.join(more)})" if more else "")
+        + f", {len(val_set)} validation images",
+        f"        {len(names)} classes: {', '.join(names)}",
+        f"        trained at {args.size} x {args.size} px; the photos are {native} px (width x height)",
+        f"model:  {args.model} on {models.resolve_encoder(args.encoder)}, {parameters / 1e6:.2f} M parameters"
+        + (", pretrained" if args.pretrained or args.weights else ""),
+        f"device: {args.device}{processes}; precision {PRECISION[args.amp]}; "
+        f"channels-last {'on' if args.channels_last else 'off'}",
+        f"output: {args.output}",
+    ])
+
+
 def score_record(scores, class_names, epoch):
     """One validation as plain JSON values (absent classes as null)."""
     def plain(value):
@@ -604,16 +663,17 @@ def score_record(scores, class_names, epoch):
 
 
 def earlier_history(path, start_epoch):
-    """Validation records of a resumed run from before its resume point."""
+    """Validation records of a resumed run from before its resume point: those of the `start_epoch` epochs
+    done (records number the epochs from 1)."""
     if start_epoch == 0 or not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [record for record in json.load(f) if record["epoch"] < start_epoch]
+        return [record for record in json.load(f) if record["epoch"] <= start_epoch]
 
 
 def validate(state, loader, class_names, epoch, args, rank, writer, history, mean, std):
-    """Score the model and its EMA (when kept), log and record both; return the better mIoU and the
-    weights that scored it (None: the model's own)."""
+    """Score the model and its EMA (when kept) after epoch number `epoch` (from 1), log and record both;
+    return the better mIoU and the weights that scored it (None: the model's own)."""
     panels = []
     scores = evaluate(state["model"], loader, state["criterion"], len(class_names), args, rank, panels)
     record, best = score_record(scores, class_names, epoch), (scores["miou"], None)
@@ -791,7 +851,7 @@ def run_training(args, rank, world_size, local_rank):
     checkpoint = None
     if args.resume:
         resume_path = os.path.join(args.output, utils.LAST_CHECKPOINT) if args.resume == "auto" else args.resume
-        checkpoint = utils.load_checkpoint(resume_path, required_keys=RESUME_KEYS)
+        checkpoint = load_resume_checkpoint(resume_path)
         check_resumable(checkpoint, args, source=resume_path)
     utils.seed_everything(args.seed, args.deterministic)
     if args.device.startswith("cuda"):
@@ -820,6 +880,8 @@ def run_training(args, rank, world_size, local_rank):
             if changes:
                 print("warning: these arguments differ from the interrupted run's, so the resumed run will not "
                       "match an uninterrupted one: " + "; ".join(changes))
+    if rank == 0:
+        print(startup_summary(args, train_set, train_mix, val_set, unlabeled_loader, model, world_size))
     if args.preflight:
         preflight(state["model"], train_mix, val_set, state["criterion"], len(class_names), args, rank, world_size)
     writer = start_run_folder(args) if rank == 0 else None
@@ -829,8 +891,10 @@ def run_training(args, rank, world_size, local_rank):
     def save(name, epoch, step_in_epoch, weights=None):
         check_finite_weights(state["model"], epoch, step_in_epoch)  # on every rank, so all of them stop
         if rank == 0:
-            utils.save_checkpoint(checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch,
-                                                   weights), os.path.join(args.output, name))
+            checkpoint = checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, weights)
+            if name == utils.BEST_CHECKPOINT:
+                checkpoint = prediction_checkpoint(checkpoint)
+            utils.save_checkpoint(checkpoint, os.path.join(args.output, name))
 
     def on_step(epoch, step, loss_value):
         if writer is not None:
@@ -849,11 +913,12 @@ def run_training(args, rank, world_size, local_rank):
             train_one_epoch(state, train_loader, epoch, start_step, batches_per_epoch, args, rank, on_step,
                             unlabeled_loader)
             if unlabeled_loader is not None:
-                log_confident_share(state["confident"], class_names, writer, epoch)
+                log_confident_share(state["confident"], class_names, writer, epoch + 1)
             start_step = 0
             save(utils.LAST_CHECKPOINT, epoch + 1, 0)  # before validating, so a failed validation keeps the epoch
             if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs:
-                miou, weights = validate(state, val_loader, class_names, epoch, args, rank, writer, history, mean, std)
+                miou, weights = validate(state, val_loader, class_names, epoch + 1, args, rank, writer, history,
+                                         mean, std)
                 if rank == 0:
                     utils.atomic_write_json(history_path, history)
                 if miou > state["best_miou"]:

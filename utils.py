@@ -1,11 +1,13 @@
-"""Metric, seeding, atomic writes, checkpoints, device and precision flags, palette, text tables
-and the submission CSV.
+"""Metric, seeding, atomic writes, checkpoints, command-line flags (--config files, help with defaults),
+device and precision flags, palette, text tables and the submission CSV.
 
 This module imports nothing of the toolkit's own, so every other file may use it.
 """
 import argparse
 import contextlib
+import copy
 import csv
+import difflib
 import json
 import math
 import os
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of encoders whose weights say nothing else
@@ -41,14 +44,13 @@ class UserError(ValueError):
 
 
 def run_main(main, parser, argv=None):
-    """A script's entry point: parse the arguments and run main(args).
+    """A script's entry point: parse the arguments (with --config, see parse_args) and run main(args).
 
     A UserError ends the script with its one-line message and exit status 2
     (argparse's status for bad arguments); any other exception keeps its traceback.
     """
-    args = parser.parse_args(argv)
     try:
-        return main(args)
+        return main(parse_args(add_config_flag(parser), argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -382,6 +384,190 @@ def _lock_refusal(path, host, pid, flag):
 
 
 # ---------------------------------------------------------------- command-line flags, device and mixed precision
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every script's --help: its description as written, and each flag's default after its help.
+
+    Left as they are: switches (off unless given), required flags, and helps that already say their
+    default in words.
+    """
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.required or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+CONFIG_FLAG = "--config"
+
+
+def add_config_flag(parser):
+    """Give `parser` the --config flag that parse_args reads (once); returns the parser."""
+    if CONFIG_FLAG not in parser._option_string_actions:
+        command_line_only(parser.add_argument(
+            CONFIG_FLAG, metavar="FILE", default=None,
+            help="YAML or JSON file of flag values, keyed by dest (data_root) or flag name (data-root): they replace "
+                 "the defaults and the command line overrides them; a run's args.json replays the run. Keys of flags "
+                 "that act on one invocation only (train.py's --resume, --overwrite) are skipped"))
+    return parser
+
+
+def command_line_only(action):
+    """Mark a flag that a --config file does not set (its key there is skipped): one that tells what to do
+    with this invocation (resume, overwrite), which a replayed args.json must not repeat. Returns the action."""
+    action.command_line_only = True
+    return action
+
+
+def parse_args(parser, argv=None):
+    """parser.parse_args(argv), the file of --config FILE (when given) setting the defaults first.
+
+    The file maps flag names to values. A value is parsed by its flag's own rules (type, choices,
+    number of values), as if typed on the command line, unless the command line gives the flag too:
+    the command line wins, so a value valid only elsewhere (--device cuda:0 in a GPU run's args.json)
+    can be overridden. null stands for a flag whose default is None (not given). Unknown keys are refused.
+    """
+    path = _config_path(argv)
+    if path is None:
+        return parser.parse_args(argv)
+    for owner, action, value in _config_values(parser, read_config(path), path):
+        owner.set_defaults(**{action.dest: value})
+        action.required = False  # given by the file
+    args = parser.parse_args(argv)
+    for dest, value in vars(args).items():
+        if isinstance(value, _ConfigValue):  # not overridden on the command line
+            setattr(args, dest, value.parse())
+    return args
+
+
+def _config_path(argv):
+    """The FILE of --config in argv, read as the script's parser reads it (prefixes too); None without one.
+
+    A malformed --config (no value) is left for the script's parser to report.
+    """
+    finder = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    finder.add_argument(CONFIG_FLAG)
+    try:
+        return finder.parse_known_args(argv)[0].config
+    except argparse.ArgumentError:
+        return None
+
+
+def read_config(path):
+    """A --config file's {key: value}: JSON when its name ends in .json, else YAML (an empty file: {})."""
+    kind = "JSON" if path.lower().endswith(".json") else "YAML"
+    try:
+        with open(path) as f:
+            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except OSError as err:
+        raise UserError(f"--config {path} cannot be read ({err.strerror}): pass a YAML or JSON file of flag "
+                        f"values") from None
+    except (ValueError, yaml.YAMLError) as err:
+        raise UserError(f"--config {path} is not valid {kind}: {' '.join(str(err).split())}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} holds a {type(values).__name__}, not a mapping of flag names to values "
+                        f"(one 'size: 512' a line)")
+    return values
+
+
+def _config_values(parser, values, path):
+    """(parser, action, _ConfigValue) to set as defaults, a subcommand's flags included; an unknown key, a
+    positional argument or a flag set twice is a UserError naming the file and the key."""
+    index, keys_of = _flag_index(parser), {}
+    for key, value in values.items():
+        owners = index.get(key)
+        if owners is None:
+            raise UserError(f"--config {path}: unknown key {key!r}: {parser.prog} has no such flag; "
+                            + _closest_flag(str(key), index, parser.prog))
+        for owner, action in owners:
+            if getattr(action, "command_line_only", False):
+                continue
+            if not action.option_strings:
+                raise UserError(f"--config {path}: {key!r} is the positional argument {action.dest.upper()} of "
+                                f"{owner.prog}: give it on the command line and drop it from the file")
+            if id(action) in keys_of:
+                raise UserError(f"--config {path}: keys {keys_of[id(action)]!r} and {key!r} both set "
+                                f"{action.option_strings[-1]}: keep one of them")
+            keys_of[id(action)] = key
+            yield owner, action, _ConfigValue(path, key, value, action)
+
+
+def _flag_index(parser):
+    """{key: [(parser, action)]}: each flag under its dest and its dashed dest, subcommands' flags included."""
+    index = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(sub): sub for sub in action.choices.values()}.values():  # aliases name one parser
+                for key, owners in _flag_index(sub).items():
+                    index.setdefault(key, []).extend(owners)
+        elif action.default is not argparse.SUPPRESS:  # -h and --version set nothing
+            for key in dict.fromkeys([action.dest, action.dest.replace("_", "-")]):
+                index.setdefault(key, []).append((parser, action))
+    return index
+
+
+def _closest_flag(key, index, prog):
+    """'did you mean ...' for a mistyped config key (difflib), or where to look."""
+    match = difflib.get_close_matches(key, index, n=1)
+    if not match:
+        return f"see {prog} --help for its flags"
+    action = index[match[0]][0][1]
+    return f"did you mean {match[0]!r} ({action.option_strings[-1] if action.option_strings else action.dest})?"
+
+
+class _ConfigValue:
+    """A --config file's value of one flag, a parser's default until parse() turns it into the flag's value."""
+
+    def __init__(self, path, key, value, action):
+        self.path, self.key, self.value, self.action = path, key, value, action
+        self.default = action.default  # before set_defaults replaces it with this object
+
+    def __str__(self):  # what --help shows as the default
+        return str(self.value)
+
+    def parse(self):
+        """The value as the command line would give it; a UserError naming the file, the key and the flag."""
+        action, value, flag = self.action, self.value, self.action.option_strings[-1]
+        if value is None and self.default is None:
+            return None
+        if value is None:
+            problem = f"null, but {flag} takes a value (default {self.default!r})"
+        elif action.nargs == 0:  # a switch: the file says whether it is on, as the dest reads
+            if type(value) is bool and value in (self.default, action.const):
+                return value
+            problem = f"{value!r}, but {flag} is a switch: true or false"
+        else:
+            try:
+                return getattr(_FlagParser(action).parse_args(_flag_tokens(flag, value)), action.dest)
+            except ValueError as err:
+                problem = str(err)
+                if isinstance(value, bool):
+                    problem += " (YAML reads yes, no, on and off as true and false: quote the value)"
+        raise UserError(f"--config {self.path}: key {self.key!r}: {problem}; fix or remove it in the file, or give "
+                        f"{flag} on the command line")
+
+
+class _FlagParser(argparse.ArgumentParser):
+    """A parser of one flag whose errors are raised as ValueErrors, not printed with an exit."""
+
+    def __init__(self, action):
+        super().__init__(add_help=False, allow_abbrev=False)
+        self._add_action(copy.copy(action))  # the script's parser keeps its own
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _flag_tokens(flag, value):
+    """The command-line words that give `flag` this value: a list as several words."""
+    if isinstance(value, dict):
+        raise ValueError(f"a mapping ({value!r}) is no flag value")
+    if isinstance(value, (list, tuple)):
+        return [flag, *map(str, value)]
+    return [f"{flag}={value}"]
+
+
 def positive_int(text):
     """argparse type: an integer of at least 1."""
     value = int(text)

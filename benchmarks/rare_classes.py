@@ -69,7 +69,7 @@ def last_epoch_done(output, epochs):
         return False
     with open(path) as f:
         history = json.load(f)
-    return bool(history) and history[-1]["epoch"] == epochs - 1
+    return bool(history) and history[-1]["epoch"] == epochs  # epochs are numbered from 1
 
 
 def train_once(options, output, epochs):

@@ -31,7 +31,7 @@ def test_resume_continues_to_the_second_epoch(trained):
     checkpoint = utils.load_checkpoint(run / utils.LAST_CHECKPOINT)
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]) == (2, 0, 8)
     history = json.loads((run / "metrics.json").read_text())
-    assert [record["epoch"] for record in history] == [0, 1]
+    assert [record["epoch"] for record in history] == [1, 2]
     assert {"args.json", "best.pt", "last.pt", "metrics.json", "tb"} <= {p.name for p in run.iterdir()}
 
 

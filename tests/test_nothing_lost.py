@@ -74,7 +74,7 @@ def test_a_second_run_in_a_trained_folder_stops_and_keeps_best_pt(root, tmp_path
     train.main(train_args(root, output, "--overwrite"))  # a fresh run: the old run's files are gone
     assert len(os.listdir(output / "tb")) == 1
     assert torch.load(output / utils.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
-    assert [record["epoch"] for record in json.load(open(output / "metrics.json"))] == [0]
+    assert [record["epoch"] for record in json.load(open(output / "metrics.json"))] == [1]
 
 
 # ---------------------------------------------------------------- 2. user errors at the real entry point

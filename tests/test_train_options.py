@@ -88,7 +88,7 @@ def test_accumulation_takes_one_optimizer_step_per_accum_batches(tiny_demo, run_
     run_train(tiny_demo, "--epochs", 1, "--accum-steps", 3, "--output", tmp_path / "run")
     assert global_step(tmp_path / "run") == 2  # ceil(4 batches / 3): the last, short group steps too
     history = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert [record["epoch"] for record in history] == [0]
+    assert [record["epoch"] for record in history] == [1]
 
 
 def one_epoch(batches, accum_steps):
