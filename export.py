@@ -2,6 +2,7 @@
 
     python export.py --checkpoint runs/demo --output model.onnx              # at the training size
     python export.py --checkpoint runs/demo --output model.onnx --size 512 --labels
+    python export.py --checkpoint runs/demo --output model.int8.onnx --int8 --calibration photos/ --eval-json val.json
 
 The graph takes an N x 3 x H x W uint8 RGB batch at the export size (any N) and
 holds the checkpoint's normalisation and its BatchNorms folded into the convs.
@@ -10,15 +11,24 @@ input size, mean/std, model, encoder, paint order). Before the file is written
 (atomically; an existing file is only replaced by a model that passed),
 onnx.checker validates it and onnxruntime's output is compared with PyTorch's
 on real images of the dataset.
+
+--int8 writes that checked float graph quantized instead: onnxruntime static quantization (QDQ,
+per-channel int8 weights, uint8 activations calibrated on --calibration photos fed as the ONNX
+member feeds them). With --eval-json (a labelled json) the file is written only if its mIoU is
+at most --max-miou-drop below the float graph's; without, the argmax agreement of the two on the
+calibration photos is reported. The metadata say "precision": "int8" and hold those numbers.
 """
 import argparse
 import os
+import tempfile
 
 import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
+                                      quantize_static)
 
 import dataset as data
 import ensemble as ensembles
@@ -38,6 +48,17 @@ def get_args_parser():
     p.add_argument("--check-images", type=int, default=8, help="how many of its images to compare on")
     p.add_argument("--max-prob-diff", type=float, default=1e-4, help="largest allowed probability difference")
     p.add_argument("--min-agreement", type=float, default=0.999, help="smallest allowed argmax agreement")
+    p.add_argument("--int8", action="store_true", help="write the model quantized to int8 (static, calibrated)")
+    p.add_argument("--calibration", nargs="+", metavar="PATH",
+                   help="with --int8: photos (files, folders, globs) or COCO jsons (images beside them) that "
+                        "calibrate the activation ranges; photos like those the model will see")
+    p.add_argument("--calibration-size", type=utils.positive_int, default=64,
+                   help="at most this many calibration photos, spread evenly over those found")
+    p.add_argument("--eval-json", default=None, metavar="JSON",
+                   help="with --int8: a labelled json under --data-root (e.g. val.json) on which float and int8 "
+                        "mIoU are compared (default: only their agreement on the calibration photos is reported)")
+    p.add_argument("--max-miou-drop", type=float, default=0.01,
+                   help="with --eval-json: the largest mIoU loss of the int8 model allowed")
     return p
 
 
@@ -56,9 +77,11 @@ class ExportedModel(torch.nn.Module):
         logits = self.net((images.float() - self.mean) / self.std).float()
         if self.labels:
             return logits.argmax(1).to(torch.uint8)
-        # onnxruntime's Softmax over the channel axis of NCHW is slow (about a third of the graph's time
-        # at 512 px); over the last axis of NHWC it is fast, and the two transposes cost little
-        return logits.permute(0, 2, 3, 1).softmax(-1).permute(0, 3, 1, 2)
+        # written out: onnxruntime's Softmax over the channel axis of NCHW is slow (a fifth of a UNet's
+        # time at 512 px), and its graph optimiser turns transpose -> Softmax(last axis) -> transpose
+        # back into that; ReduceMax, Exp, ReduceSum and Div over the channels take a tenth of it
+        exp = (logits - logits.amax(1, keepdim=True)).exp()
+        return exp / exp.sum(1, keepdim=True)
 
 
 def load_net(checkpoint):
@@ -83,6 +106,11 @@ def export_onnx(module, size, opset=None):
     return program.model_proto
 
 
+def paint_order_of(checkpoint):
+    """The overlap rule of the masks the checkpoint learned from (None when it does not say)."""
+    return checkpoint.get("paint_order", checkpoint.get("args", {}).get("paint_order"))
+
+
 def description(checkpoint, size, labels):
     """What the ONNX file says about itself: the checkpoint's description, the input and the output."""
     return {
@@ -91,9 +119,61 @@ def description(checkpoint, size, labels):
         "palette": utils.class_palette(checkpoint["num_classes"]).tolist(),
         "image_size": checkpoint["image_size"], "input_size": [size, size],
         "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
-        "paint_order": checkpoint.get("paint_order", checkpoint.get("args", {}).get("paint_order")),
+        "paint_order": paint_order_of(checkpoint),
         "input": "uint8 RGB, N x 3 x H x W", "output": "labels" if labels else "probabilities",
     }
+
+
+def check_int8_flags(args):
+    if not args.int8:
+        given = [flag for flag, value in (("--calibration", args.calibration), ("--eval-json", args.eval_json))
+                 if value is not None]
+        if given:
+            raise utils.UserError(f"{' and '.join(given)} only apply to an int8 export: add --int8, or leave them out")
+        return
+    if args.labels:
+        raise utils.UserError("--int8 writes a probabilities model (inference.py and serve.py take those): "
+                              "leave out --labels")
+    if not args.calibration:
+        raise utils.UserError("--int8 needs --calibration PATH [PATH ...]: photos (folders, globs or a COCO json) "
+                              "like those the model will see, to calibrate the activation ranges")
+
+
+def calibration_paths(patterns, count):
+    """Up to `count` readable photos of the files, folders, globs and COCO jsons given, spread evenly."""
+    found = []
+    for pattern in patterns:
+        if os.fspath(pattern).lower().endswith(".json"):
+            coco = data.Coco(pattern, os.path.dirname(os.path.abspath(pattern)), expect_annotations=False)
+            found += [(coco.image_path(info), info["file_name"]) for info in coco.images]
+        else:
+            found += data.find_images([pattern])
+    images, _ = data.readable_images(sorted(dict(found).items()), data.MAX_IMAGE_PIXELS, patterns)
+    picks = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
+    return [images[i]["path"] for i in picks]
+
+
+def model_inputs(paths, size):
+    """Photos as an ONNX member feeds them (ensemble.OnnxMember): resized to size x size, rounded to uint8."""
+    inputs = []
+    for path in paths:
+        image = torch.from_numpy(data.read_image(path)).permute(2, 0, 1)[None]
+        inputs.append(ensembles.resize_rows(image, (size, size)).mul_(255).round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(inputs).numpy()
+
+
+def labelled_set(args, checkpoint, source):
+    """The --eval-json images with their label masks (painted as the model learned), checked to hold
+    annotations of the model's classes."""
+    data.require_json(args.data_root, args.eval_json, "--eval-json")
+    dataset = data.SegmentationDataset(args.data_root, args.eval_json, "val", ensembles.image_tensor_transform(),
+                                       paint_order=paint_order_of(checkpoint) or "area")
+    if not any(dataset.coco.anns_by_image.values()):
+        raise utils.UserError(f"{dataset.coco.path} holds no annotations: pass --eval-json with a labelled json "
+                              f"(e.g. val.json), or leave it out to check on the calibration photos")
+    data.check_same_classes(dataset.coco.path, dataset.class_names, source, checkpoint["class_names"],
+                            fix="pass an --eval-json labelled with the checkpoint's classes")
+    return dataset
 
 
 def check_images(data_root, json_name, count, size):
@@ -131,19 +211,130 @@ def verify(path, images, reference_probs, labels, max_prob_diff, min_agreement, 
     return diff, agreement
 
 
+class CalibrationPhotos(CalibrationDataReader):
+    """uint8 model inputs for quantize_static, a few photos a batch."""
+
+    def __init__(self, inputs, batch_size=8):
+        self.batches = iter([{"images": inputs[i:i + batch_size]} for i in range(0, len(inputs), batch_size)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+# quantized: the convolutions and what joins them, the activations too (SiLU is Sigmoid and Mul; a float
+# op between int8 ones costs a DequantizeLinear and a QuantizeLinear); the softmax stays float, so the
+# probabilities keep their resolution for ensembles and near ties. onnxruntime's CPU provider has no
+# int8 ConvTranspose (the decoders' fused upsampling): it stays float between its Q/DQ pairs
+QUANTIZED_OPS = ["Conv", "ConvTranspose", "Add", "Mul", "Sigmoid", "Relu", "MaxPool", "Resize", "Concat"]
+
+
+def quantize(float_path, int8_path, inputs, folder):
+    """The float ONNX file at float_path quantized to int8_path, activation ranges from `inputs`.
+
+    Per-channel int8 weights and uint8 activations in QDQ form (onnxruntime's CPU kernels fuse each
+    DequantizeLinear -> op -> QuantizeLinear into one int8 op). quant_pre_process first infers
+    shapes and folds constants (the weights of the decoders' fused upsampling); BatchNorm is
+    already folded into the convs by the export. ONNX's shape inference suffices for these graphs;
+    onnxruntime's symbolic one (meant for transformers' dynamic dims) fails on some of them.
+    """
+    prepared = os.path.join(folder, "prepared.onnx")
+    quant_pre_process(float_path, prepared, skip_symbolic_shape=True)
+    quantize_static(prepared, int8_path, CalibrationPhotos(inputs), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=QUANTIZED_OPS)
+
+
+def miou(described, dataset):
+    """mIoU of an ONNX model (open_onnx's description) on a labelled dataset, predicted as inference.py does."""
+    ensemble, class_names = ensembles.build_ensemble([described["path"]], [described], "cpu")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=data.collate_mixed)
+    confusion = utils.ConfusionMatrix(len(class_names))
+    for index, labels in ensembles.predict(ensemble, loader, "cpu"):
+        confusion.update(torch.from_numpy(dataset.label_mask(index)), labels)
+    return confusion.compute()["miou"]
+
+
+def labels(described, feed):
+    """An ONNX model's labels (N x H x W) for one feed of uint8 images."""
+    return described["session"].run(None, feed)[0].argmax(1)
+
+
+def int8_check(float_path, int8_path, inputs, labelled, args):
+    """The int8 model against the float one: mIoU on the labelled set (refused beyond --max-miou-drop), else
+    the argmax agreement on the calibration inputs. The numbers, for the metadata."""
+    float_model, int8_model = ensembles.open_onnx(float_path), ensembles.open_onnx(int8_path)
+    if labelled is None:
+        same = sum(int((labels(float_model, batch) == labels(int8_model, batch)).sum())
+                   for batch in CalibrationPhotos(inputs).batches)
+        return {"calibration_photos": len(inputs), "argmax_agreement": same / (inputs.size // 3)}
+    scores = {"eval_json": args.eval_json, "eval_images": len(labelled),
+              "float_miou": miou(float_model, labelled), "int8_miou": miou(int8_model, labelled),
+              "max_miou_drop": args.max_miou_drop}
+    drop = scores["float_miou"] - scores["int8_miou"]
+    if drop > args.max_miou_drop:
+        raise utils.UserError(f"refusing to write {args.output}: int8 mIoU {scores['int8_miou']:.4f} against float "
+                              f"{scores['float_miou']:.4f} on {args.eval_json} ({len(labelled)} images), a drop of "
+                              f"{drop:.4f} above --max-miou-drop {args.max_miou_drop:g}; any existing file is kept: "
+                              f"calibrate on more photos like these (--calibration-size), or deploy the float export")
+    return scores
+
+
+def write_int8(args, float_proto, meta, images, reference_probs, calibration, labelled):
+    """Check the float graph as a float export is checked, quantize it, gate it, write it. The gate's numbers."""
+    with tempfile.TemporaryDirectory() as folder:
+        float_path, int8_path = os.path.join(folder, "float.onnx"), os.path.join(folder, "int8.onnx")
+        onnx.save(float_proto, float_path)
+        verify(float_path, images, reference_probs, False, args.max_prob_diff, args.min_agreement, args.output)
+        inputs = model_inputs(calibration, meta["input_size"][0])
+        quantize(float_path, int8_path, inputs, folder)
+        int8_proto = onnx.load(int8_path)
+        meta = {**meta, "precision": "int8", "calibration_photos": len(inputs)}
+        onnx.helper.set_model_props(int8_proto, ensembles.onnx_metadata(meta))
+        onnx.save(int8_proto, int8_path)
+        check = int8_check(float_path, int8_path, inputs, labelled, args)
+    onnx.helper.set_model_props(int8_proto, ensembles.onnx_metadata({**meta, "int8_check": check}))
+
+    def loads(tmp):
+        onnx.checker.check_model(tmp, full_check=True)
+        ensembles.open_onnx(tmp)
+
+    with utils.atomic_open(args.output, "wb", validate=loads) as f:
+        f.write(int8_proto.SerializeToString())
+    return check
+
+
+def int8_summary(check):
+    if "int8_miou" in check:
+        return (f"mIoU on {check['eval_json']} ({check['eval_images']} images): float {check['float_miou']:.4f}, "
+                f"int8 {check['int8_miou']:.4f} (a drop of {check['float_miou'] - check['int8_miou']:.4f}, "
+                f"--max-miou-drop {check['max_miou_drop']:g})")
+    return (f"argmax agreement with the float model on the {check['calibration_photos']} calibration photos "
+            f"{100 * check['argmax_agreement']:.3f} % (mIoU not checked: pass --eval-json with a labelled json)")
+
+
 def main(args):
+    check_int8_flags(args)
     path = ensembles.expand_checkpoints([args.checkpoint])[0]
     checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
     size = args.size or checkpoint["image_size"]
     data.prepare_data_root(args.data_root)
     images = check_images(args.data_root, args.json, args.check_images, size)
+    if args.int8:  # every photo and json found before any work
+        calibration = calibration_paths(args.calibration, args.calibration_size)
+        labelled = labelled_set(args, checkpoint, path) if args.eval_json else None
     with torch.inference_mode():  # the reference: the checkpoint's own model, BatchNorm not folded
         reference = ensembles.NormalisedSoftmax(load_net(checkpoint), checkpoint["mean"], checkpoint["std"])
         reference_probs = reference(images.float() / 255)
     module = ExportedModel(ensembles.prepare_for_inference(load_net(checkpoint)), checkpoint["mean"],
                            checkpoint["std"], args.labels).eval()
     proto = export_onnx(module, size, args.opset)
-    onnx.helper.set_model_props(proto, ensembles.onnx_metadata(description(checkpoint, size, args.labels)))
+    meta = {**description(checkpoint, size, args.labels), "precision": "float32"}
+    onnx.helper.set_model_props(proto, ensembles.onnx_metadata(meta))
+    if args.int8:
+        gate = write_int8(args, proto, meta, images, reference_probs, calibration, labelled)
+        print(f"wrote {args.output} ({size}x{size}, int8, calibrated on {len(calibration)} photos) "
+              f"from {path}; {int8_summary(gate)}")
+        return {"int8": gate}
     result = {}
 
     def check(tmp):
