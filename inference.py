@@ -8,6 +8,8 @@
     python inference.py --checkpoints runs/demo --images photos/ --save-vis vis/   # photos; a CSV only with --output
     python inference.py --images big_photo.jpg --tile 512 --save-masks masks/     # huge photos, window by window
     python inference.py --checkpoints runs/demo --images pool/ --rank-uncertain 50 --output to_label.csv  # label next
+    python inference.py --checkpoints runs/demo --video clip.mp4 --save-vis overlay.mp4 --save-shares shares.csv
+    python inference.py --checkpoints runs/demo --video 0 --every 3 --smooth 0.8 --save-vis camera.mp4   # a camera
 
 Each checkpoint describes itself (model, encoder, classes, image size,
 normalisation), so nothing else is needed. ONNX files written by export.py work
@@ -27,12 +29,15 @@ import torch
 import dataset as data
 import ensemble as ensembles
 import utils
+import video
+
+DEFAULT_JSON = "test.json"  # of --data-root, when neither --json nor --images nor --video is given
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     ensembles.add_ensemble_args(p)
-    p.add_argument("--json", default="test.json", help="images to predict, relative to --data-root")
+    p.add_argument("--json", default=None, help=f"images to predict, relative to --data-root (default {DEFAULT_JSON})")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="predict these image files, folders (recursively) and globs instead of a json; "
                         "unreadable files are skipped and counted")
@@ -46,7 +51,9 @@ def get_args_parser():
                    help="overlap rule of the ground truth for --eval and --oof (default: the checkpoints' training's)")
     p.add_argument("--save-masks", default=None,
                    help="folder for paletted PNG label maps <stem>.png, at each photo's size as displayed")
-    p.add_argument("--save-vis", default=None, help="folder for image | prediction overlay panels <stem>.png")
+    p.add_argument("--save-vis", default=None,
+                   help="folder for image | prediction overlay panels <stem>.png; with --video, the overlay video "
+                        "(.mp4 or .avi) with a legend of the classes' colours")
     p.add_argument("--vote", choices=ensembles.VOTES, default="soft",
                    help="ensemble vote: soft averages probabilities; hard takes each pixel's majority class "
                         "(ties go to the highest mean probability)")
@@ -64,6 +71,21 @@ def get_args_parser():
                    help="with --rank-uncertain, skip a photo whose 64-bit difference hash is within BITS bits of an "
                         "already chosen photo's (near-duplicates such as video frames of one scene); 0: only equal "
                         "hashes")
+    p.add_argument("--video", default=None, metavar="PATH|CAMERA",
+                   help="label a video file's frames, or a camera's (its index, 0 for the first) until Ctrl-C, which "
+                        "stops cleanly with what was written valid; outputs: --save-vis VIDEO, --save-shares CSV")
+    p.add_argument("--every", type=utils.positive_int, default=1, metavar="N",
+                   help="with --video, predict every N-th frame; the overlay shows the last prediction in between")
+    p.add_argument("--smooth", type=video.smoothing_weight, default=0.0, metavar="ALPHA",
+                   help="with --video, average the class probabilities over the predicted frames: p = ALPHA * "
+                        "p_previous + (1 - ALPHA) * p_frame (0: off; 0.8 steadies flickering labels), restarted at a "
+                        "scene cut")
+    p.add_argument("--scene-cut", type=utils.positive_float, default=video.SCENE_CUT, metavar="LEVELS",
+                   help="with --smooth, a frame whose 32x32 grey thumbnail differs from the previous frame's by more "
+                        "than LEVELS grey levels (0-255) on average starts a new scene")
+    p.add_argument("--save-shares", default=None, metavar="CSV",
+                   help="with --video, a CSV row per predicted frame: frame, time_s (frame / fps), then per class the "
+                        "share of the frame's pixels it covers")
     return p
 
 
@@ -91,7 +113,7 @@ def submission_path(args):
     """
     output = args.output or (None if args.images else "submission.csv")
     if output:
-        refuse_folder(output, "submission.csv")
+        refuse_folder("--output", output, "submission.csv")
     for flag, folder in (("--save-masks", args.save_masks), ("--save-vis", args.save_vis)):
         if folder and os.path.exists(folder) and not os.path.isdir(folder):
             raise utils.UserError(f"{flag} {folder} is a file, not a folder: pass a folder to write the PNGs into")
@@ -100,9 +122,9 @@ def submission_path(args):
     return output
 
 
-def refuse_folder(output, example):
+def refuse_folder(flag, output, example):
     if os.path.isdir(output):
-        raise utils.UserError(f"--output {output} is a folder: pass the CSV file's path, e.g. "
+        raise utils.UserError(f"{flag} {output} is a folder: pass the CSV file's path, e.g. "
                               f"{os.path.join(output, example)}")
 
 
@@ -214,11 +236,12 @@ def open_images(args, ensemble, class_names):
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path
     data.prepare_data_root(args.data_root)
-    data.require_json(args.data_root, args.json, "--json")
+    json_name = args.json or DEFAULT_JSON
+    data.require_json(args.data_root, json_name, "--json")
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, ensembles.expand_checkpoints(args.checkpoints), args.paint_order) \
         if args.eval else "area"
-    dataset = data.SegmentationDataset(args.data_root, args.json, mode, transform=ensembles.image_tensor_transform(),
+    dataset = data.SegmentationDataset(args.data_root, json_name, mode, transform=ensembles.image_tensor_transform(),
                                        paint_order=paint_order, max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
     check_unique_file_names(dataset.coco.path, dataset.images)
@@ -320,7 +343,7 @@ def ranking_paths(args):
     if not args.output:
         raise utils.UserError("--rank-uncertain needs --output CSV, e.g. --output to_label.csv (the COCO json and "
                               "contact sheet go beside it: to_label.json, to_label.png)")
-    refuse_folder(args.output, "to_label.csv")
+    refuse_folder("--output", args.output, "to_label.csv")
     stem, extension = os.path.splitext(args.output)
     if extension.lower() != ".csv":
         raise utils.UserError(f"--output {args.output} must end in .csv with --rank-uncertain (e.g. {stem}.csv): "
@@ -391,12 +414,64 @@ def rank_uncertain(args):
     return [photo.candidate for photo in chosen]
 
 
+# ---------------------------------------------------------------- a video (--video)
+def check_video_flags(args):
+    """Refuse, before any work, flags for photos with --video, and a --video run that would write nothing."""
+    photo_flags = [flag for flag, value in (
+        ("--images", args.images), ("--json", args.json), ("--eval", args.eval), ("--oof", args.oof),
+        ("--report", args.report), ("--rank-uncertain", args.rank_uncertain), ("--save-masks", args.save_masks),
+        ("--output", args.output), ("--tile", args.tile)) if value]
+    if photo_flags:
+        raise utils.UserError(f"--video labels a video's frames: drop {', '.join(photo_flags)} (for photos); its "
+                              f"outputs are --save-vis VIDEO and --save-shares CSV")
+    if not (args.save_vis or args.save_shares):
+        raise utils.UserError("--video alone writes nothing: add --save-vis overlay.mp4, --save-shares shares.csv "
+                              "or both")
+    if args.save_vis:
+        video.check_video_output(args.save_vis)
+    if args.save_shares:
+        refuse_folder("--save-shares", args.save_shares, "shares.csv")
+
+
+def refuse_video_flags(args):
+    """Flags that only --video reads would be ignored without it."""
+    given = [flag for flag, value in (("--every", args.every != 1), ("--smooth", args.smooth),
+                                      ("--scene-cut", args.scene_cut != video.SCENE_CUT),
+                                      ("--save-shares", args.save_shares)) if value]
+    if given:
+        raise utils.UserError(f"{', '.join(given)} apply to --video only: add --video PATH, or drop them")
+
+
+def run_video(args):
+    """--video: label a video file's (or a camera's) frames; write the overlay video and the shares CSV."""
+    check_video_flags(args)
+    clip = video.Video(args.video)
+    try:
+        print(f"--video {clip.describe()}")
+        ensemble, class_names = load_ensemble(args)
+        labeller = video.FrameLabeller(ensemble, args.device, args.amp, args.smooth)
+        progress = video.label_video(clip, labeller, class_names, args.every, args.save_vis, args.save_shares,
+                                     args.scene_cut)
+    finally:
+        clip.close()
+    predicted = -(-progress.frames // args.every)
+    print(f"labelled {progress.frames} frames ({predicted} predicted) at {progress.rate():.1f} frames/s")
+    if args.save_vis:
+        print(f"wrote {args.save_vis} ({progress.frames} frames)")
+    if args.save_shares:
+        print(f"wrote {args.save_shares} ({predicted} rows)")
+    return progress
+
+
 def load_ensemble(args):
     return ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args), args.vote,
                                    ensembles.build_tiling(args))
 
 
 def main(args):
+    if args.video is not None:
+        return run_video(args)
+    refuse_video_flags(args)
     if args.rank_uncertain:
         return rank_uncertain(args)
     if args.oof:
@@ -426,7 +501,8 @@ def main(args):
     if args.eval:
         scores = confusion.compute()
         print(utils.format_iou_table(class_names, scores))
-        finish_report(args, accumulator, f"Evaluation of {', '.join(args.checkpoints)} on {args.json}")
+        title = f"Evaluation of {', '.join(args.checkpoints)} on {args.json or DEFAULT_JSON}"
+        finish_report(args, accumulator, title)
         return scores
 
 
