@@ -38,7 +38,8 @@ def add_ensemble_args(p):
     p.add_argument("--checkpoints", nargs="+", default=[DEFAULT_CHECKPOINTS],
                    help=f"checkpoint files, run folders (their {utils.BEST_CHECKPOINT}), ONNX files from export.py "
                         "or globs; probabilities are averaged")
-    p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder of --json (default: the one the checkpoints were trained on, else the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
@@ -106,6 +107,7 @@ class Member(torch.nn.Module):
         net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
         self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
+        self.data_root = checkpoint.get("args", {}).get("data_root")  # of the images it learned from
         probs = NormalisedSoftmax(prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
         self.probs = with_tta(probs, tta_transforms)
 
@@ -223,6 +225,7 @@ class OnnxMember(Member):
             raise utils.UserError(f"{path} takes {height}x{width} inputs; export.py writes square ones: export again")
         self.size = height
         self.paint_order = description["paint_order"]
+        self.data_root = description.get("data_root")
         self.probs = with_tta(OnnxProbabilities(description["session"]), tta_transforms)
 
 
@@ -284,6 +287,28 @@ def expand_checkpoints(patterns):
         raise utils.UserError(f"no checkpoint at {', '.join(missing)}: train first (python train.py --output "
                               f"runs/NAME), or pass --checkpoints with checkpoint files, run folders or globs")
     return paths
+
+
+def run_data_root(given, trained_on):
+    """The data root a script reads its json from: --data-root when given; else the one the checkpoints
+    were trained on (`trained_on`, one per member; None where unknown); else the demo set.
+
+    So a run trained on the user's own data never sends a script to the demo set.
+    """
+    if given is not None:
+        return given
+    roots = sorted({root for root in trained_on if root})
+    if not roots:
+        return data.DEFAULT_DATA_ROOT
+    if len(roots) > 1:
+        raise utils.UserError(f"the checkpoints were trained on different data roots ({', '.join(roots)}): "
+                              f"pass --data-root with the one whose json to read")
+    if not os.path.isdir(roots[0]):
+        raise utils.UserError(f"the checkpoints were trained on the data root {roots[0]}, which does not exist here: "
+                              f"pass --data-root with the folder that holds the jsons and images")
+    if roots[0] != data.DEFAULT_DATA_ROOT:
+        print(f"data root {roots[0]}, the checkpoints' own (--data-root overrides it)")
+    return roots[0]
 
 
 def load_ensemble(patterns, device, tta_transforms=None, vote="soft", tiling=None):

@@ -43,7 +43,9 @@ def get_args_parser():
     p.add_argument("--size", type=int, default=None, help="input height and width (default: the training size)")
     p.add_argument("--labels", action="store_true", help="output the label map (N x H x W uint8), not probabilities")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset whose images check the export")
+    p.add_argument("--data-root", default=None,
+                   help="dataset whose images check the export (default: the one the checkpoint was trained on, "
+                        "else the demo set)")
     p.add_argument("--json", default="test.json", help="images to check with, relative to --data-root")
     p.add_argument("--check-images", type=int, default=8, help="how many of its images to compare on")
     p.add_argument("--max-prob-diff", type=float, default=1e-4, help="largest allowed probability difference")
@@ -120,6 +122,7 @@ def description(checkpoint, size, labels):
         "image_size": checkpoint["image_size"], "input_size": [size, size],
         "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
         "paint_order": paint_order_of(checkpoint),
+        "data_root": checkpoint.get("args", {}).get("data_root"),  # where inference.py finds its jsons by default
         "input": "uint8 RGB, N x 3 x H x W", "output": "labels" if labels else "probabilities",
     }
 
@@ -317,6 +320,7 @@ def main(args):
     path = ensembles.expand_checkpoints([args.checkpoint])[0]
     checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS)
     size = args.size or checkpoint["image_size"]
+    args.data_root = ensembles.run_data_root(args.data_root, [checkpoint.get("args", {}).get("data_root")])
     data.prepare_data_root(args.data_root)
     images = check_images(args.data_root, args.json, args.check_images, size)
     if args.int8:  # every photo and json found before any work

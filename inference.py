@@ -235,6 +235,7 @@ def open_images(args, ensemble, class_names):
         dataset = data.ImageFolderDataset(args.images, ensembles.image_tensor_transform(),
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path
+    args.data_root = ensembles.run_data_root(args.data_root, [member.data_root for member in ensemble.members])
     data.prepare_data_root(args.data_root)
     json_name = args.json or DEFAULT_JSON
     data.require_json(args.data_root, json_name, "--json")

@@ -160,13 +160,15 @@ def clear_earlier_run(out, masks, earlier):
 
 
 # ---------------------------------------------------------------- unlabelled sources
-def open_source(args, class_names):
+def open_source(args, ensemble, class_names):
     """(dataset of unlabelled images, its image-path function, the manifest's `source` record)."""
     transform = ensembles.image_tensor_transform()
     if args.image_dir:
         dataset = data.ImageFolderDataset([args.image_dir], transform, skip_dir=args.out,
                                           max_pixels=args.max_image_pixels)
         return dataset, dataset.image_path, {"image_dir": os.path.abspath(args.image_dir)}
+    args.data_root = ensembles.run_data_root(args.data_root, [member.data_root for member in ensemble.members])
+    data.prepare_data_root(args.data_root)
     data.require_json(args.data_root, args.json, "--json")
     dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform,
                                        max_pixels=args.max_image_pixels)
@@ -189,13 +191,11 @@ def print_summary(class_names, counts):
 
 
 def main(args):
-    if args.image_dir is None:
-        data.prepare_data_root(args.data_root)
     check_threshold(args.threshold)
     earlier = check_out(args)
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
                                                     tiling=ensembles.build_tiling(args))
-    dataset, image_path, source = open_source(args, class_names)
+    dataset, image_path, source = open_source(args, ensemble, class_names)
     data.check_unique_stems(info["file_name"] for info in dataset.images)
     masks = {data.pseudo_mask_name(info["file_name"]) for info in dataset.images}
     check_mask_paths(args.out, masks, earlier)

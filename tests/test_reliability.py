@@ -127,8 +127,8 @@ def plain_data(value):
 
 
 def test_checkpoints_hold_only_plain_data(tiny_run):
-    for name in ("best.pt", "last.pt"):
-        checkpoint = utils.load_checkpoint(tiny_run / name, required_keys=train.RESUME_KEYS)
+    for name, keys in (("best.pt", utils.MODEL_KEYS + ("args",)), ("last.pt", train.RESUME_KEYS)):
+        checkpoint = utils.load_checkpoint(tiny_run / name, required_keys=keys)
         assert json.loads(json.dumps(checkpoint["args"])) == checkpoint["args"]
         assert checkpoint["args"]["output"] == str(tiny_run)
         assert plain_data(checkpoint)
