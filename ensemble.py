@@ -97,7 +97,9 @@ class Member(torch.nn.Module):
     `images`: an N x 3 x H x W batch, or a list of 3 x H x W images of different sizes; the
     output takes the same form. Every image is resized to the checkpoint's training size, so a
     list is still predicted as one batch, and each prediction is resized back to its own image.
-    Test-time augmentation (scales included) applies at the training size.
+    A uint8 image stays uint8 when resized (resize_image), so a checkpoint sees the very pixels an
+    ONNX export of it does. Test-time augmentation (scales included) applies at the training size,
+    to those pixels.
     """
 
     def __init__(self, checkpoint, tta_transforms=None):
@@ -121,13 +123,28 @@ class Member(torch.nn.Module):
         """The probabilities at the training size: N x C x size x size, for a batch or a list of images."""
         square = (self.size, self.size)
         if torch.is_tensor(images):
-            return self.probs(resize_rows(images, square))
-        return self.probs(torch.cat([resize_rows(image[None], square) for image in images]))
+            return self.probs(unit_range(resize_image(images, square)))
+        return self.probs(unit_range(torch.cat([resize_image(image[None], square) for image in images])))
+
+
+def resize_image(images, size):
+    """Images (N x C x h x w) resized bilinearly to `size`; uint8 ones are rounded back to uint8.
+
+    An ONNX model takes uint8 pixels, so a photo is rounded once, here, before any model: a
+    checkpoint then normalises the same pixels its ONNX export does, and both label alike.
+    """
+    resized = resize_rows(images, size)
+    return to_uint8(resized) if images.dtype == torch.uint8 else resized
 
 
 def unit_range(images):
     """uint8 images (as the prediction datasets give them) -> [0, 1] floats; float images pass as they are."""
     return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def to_uint8(images):
+    """[0, 1] float images -> uint8 ones, each value rounded to the nearest of the 256 levels."""
+    return (images.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def window_spans(length, tile, overlap):
@@ -208,7 +225,8 @@ class NormalisedSoftmax(torch.nn.Module):
 class OnnxMember(Member):
     """An ONNX file from export.py run by onnxruntime, with Member's interface.
 
-    Images are resized to the export size and rounded to uint8, the model's input type.
+    Images are resized to the export size as for a checkpoint (a uint8 photo's pixels rounded
+    there, resize_image) and given to the model as uint8, its input type.
     """
 
     def __init__(self, description, tta_transforms=None):
@@ -230,7 +248,10 @@ class OnnxMember(Member):
 
 
 class OnnxProbabilities(torch.nn.Module):
-    """[0, 1] float images at the export size -> the ONNX model's probabilities, on the images' device."""
+    """[0, 1] float images at the export size -> the ONNX model's probabilities, on the images' device.
+
+    The images are rounded to uint8: exactly the pixels they came from when they were uint8 ones.
+    """
 
     def __init__(self, session):
         super().__init__()
@@ -238,7 +259,7 @@ class OnnxProbabilities(torch.nn.Module):
         self.input_name = session.get_inputs()[0].name
 
     def forward(self, x):
-        images = (x.float() * 255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+        images = to_uint8(x).cpu().numpy()
         probs = self.session.run(None, {self.input_name: images})[0]
         return torch.from_numpy(probs).to(x.device)
 

@@ -359,8 +359,9 @@ def test_tiled_hard_vote_counts_each_members_averaged_windows():
 
 
 def test_members_take_uint8_images_as_their_unit_range_floats():
+    """At the training size: resized, a uint8 image is rounded to uint8 again (tests/test_onnx_parity.py)."""
     member = tiny_member(32)
-    image = torch.randint(0, 256, (2, 3, 40, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    image = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         torch.testing.assert_close(member(image), member(image.float() / 255), rtol=0, atol=0)
         assert torch.equal(member([image[0]])[0], member(image[:1])[0])
