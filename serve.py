@@ -41,7 +41,8 @@ def get_args_parser():
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     utils.add_device_args(p, amp_help=None)
     p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
-    p.add_argument("--max-pixels", type=int, default=dataset.MAX_IMAGE_PIXELS, help="larger images are refused (413)")
+    p.add_argument("--max-image-pixels", type=utils.positive_int, default=dataset.MAX_IMAGE_PIXELS,
+                   help="larger images are refused (413), as every script refuses them")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
     p.add_argument("--read-timeout", type=float, default=30,
                    help="seconds an upload may send nothing before it is dropped (408)")
@@ -60,7 +61,7 @@ def decode_upload(data, max_pixels):
         return dataset.decode_image(data, "upload", max_pixels)
     except dataset.ImageTooLarge as err:
         raise BadUpload(413, f"the image is {err.width}x{err.height} = {err.width * err.height} pixels, more than "
-                             f"the limit of {max_pixels} (--max-pixels): send a smaller one") from None
+                             f"the limit of {max_pixels} (--max-image-pixels): send a smaller one") from None
     except utils.UserError as err:
         raise BadUpload(400, str(err)) from None
 
@@ -299,7 +300,7 @@ def main(args):
     import uvicorn
 
     segmenter = Segmenter(args.checkpoints, args.device)
-    app = create_app(segmenter, int(args.max_upload_mb * 1e6), args.max_pixels, args.queue, args.read_timeout)
+    app = create_app(segmenter, int(args.max_upload_mb * 1e6), args.max_image_pixels, args.queue, args.read_timeout)
     print(f"serving {len(segmenter.class_names)} classes on http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -213,3 +213,10 @@ def test_a_mistyped_model_fails_at_argparse(capsys):
     assert stop.value.code == 2
     assert "argument --model: invalid choice: 'unetp' (choose from 'deeplabv3p', 'segformer', 'unet', 'unetpp', " \
            "'upernet')" in capsys.readouterr().err
+
+
+def test_the_pixel_limit_has_one_flag_name_everywhere():
+    flags = {script: [option for action in parser._actions for option in action.option_strings if "pixel" in option]
+             for script, parser in script_parsers()}
+    assert flags["serve"] == flags["train"] == flags["inference"] == ["--max-image-pixels"]
+    assert {option for options in flags.values() for option in options} == {"--max-image-pixels"}

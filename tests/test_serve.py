@@ -214,7 +214,7 @@ def test_a_huge_upload_is_refused(server):
 def test_an_image_with_too_many_pixels_is_refused(server):
     big = png_bytes(np.zeros((1000, 1000, 3), np.uint8))  # compresses to a few kB: the pixel count decides
     assert len(big) < MAX_UPLOAD
-    assert_refused(server, 413, "--max-pixels", big)
+    assert_refused(server, 413, "--max-image-pixels", big)
 
 
 def test_a_wrong_content_type_is_refused(server, photo):
