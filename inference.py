@@ -151,14 +151,17 @@ def report_written(args, output, count, skipped):
         print(f"{skipped} unreadable file(s) skipped")
 
 
-def save_outputs(args, info, image_path, mask, num_classes):
-    """<stem>.png label map and overlay panel, at the photo's size as displayed (the reader applies EXIF)."""
+def save_outputs(args, info, image_path, mask, class_names):
+    """<stem>.png label map and overlay panel, at the photo's size as displayed (the reader applies EXIF);
+    the panel is titled with the photo and the checkpoints, and a legend names the classes' colours."""
     stem = data.output_name(info["file_name"])
     if args.save_masks:
-        utils.atomic_write_png(os.path.join(args.save_masks, stem), mask, palette=utils.label_palette(num_classes))
+        utils.atomic_write_png(os.path.join(args.save_masks, stem), mask,
+                               palette=utils.label_palette(len(class_names)))
     if args.save_vis:
         rgb = data.read_image(image_path, max_pixels=args.max_image_pixels)
-        panel = utils.overlay_panel(rgb, [mask], num_classes)
+        title = f"{info['file_name']} | {' + '.join(ensembles.expand_checkpoints(args.checkpoints))}"
+        panel = utils.explained_panel(rgb, [mask], class_names, title)
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
 
 
@@ -494,7 +497,7 @@ def main(args):
             rows.append((info["file_name"], utils.resize_for_submission(mask)))
         if accumulator is not None:  # only with --eval
             accumulator.add(info, target, mask, image_path(info))
-        save_outputs(args, info, image_path(info), mask, len(class_names))
+        save_outputs(args, info, image_path(info), mask, class_names)
     if output:  # a json's images must all be in the CSV; from --images, the files that could be read
         expected = None if args.images else [image["file_name"] for image in dataset.images]
         utils.write_submission(output, rows, len(class_names), expected_ids=expected)

@@ -660,6 +660,57 @@ def overlay(image_rgb, mask, num_classes, alpha=0.5):
     return np.where((mask == 0)[..., None], image_rgb, blended.astype(np.uint8))
 
 
+STRIP_ROW, STRIP_SWATCH, STRIP_GAP, STRIP_FONT_SCALE = 16, 10, 12, 0.4  # pixels and cv2 font scale at scale 1
+STRIP_BACKGROUND = 32  # dark grey, under white text
+
+
+def legend_strip(class_names, width, scale=1):
+    """An RGB strip `width` wide naming each class's colour, in as many rows as the names need.
+
+    Background is left out: its pixels keep the image's own colours. `scale` multiplies every size.
+    """
+    row_height, swatch, gap, font = (round(v * scale) for v in (STRIP_ROW, STRIP_SWATCH, STRIP_GAP, 1))
+    palette, items, x, row = class_palette(len(class_names)), [], gap // 2, 0
+    for label, name in enumerate(class_names[1:], 1):
+        text_width = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, STRIP_FONT_SCALE * scale, font)[0][0]
+        item_width = swatch + 4 * font + text_width
+        if items and x + item_width > width:
+            x, row = gap // 2, row + 1
+        items.append((label, name, x, row * row_height))
+        x += item_width + gap
+    strip = np.full(((row + 1) * row_height, width, 3), STRIP_BACKGROUND, np.uint8)
+    for label, name, x, y in items:
+        top = y + (row_height - swatch) // 2
+        cv2.rectangle(strip, (x, top), (x + swatch - 1, top + swatch - 1), tuple(int(v) for v in palette[label]),
+                      thickness=-1)
+        cv2.putText(strip, name, (x + swatch + 4 * font, y + row_height - 4 * font), cv2.FONT_HERSHEY_SIMPLEX,
+                    STRIP_FONT_SCALE * scale, (255, 255, 255), font, cv2.LINE_AA)
+    return strip
+
+
+def title_strip(text, width, scale=1):
+    """An RGB strip `width` wide with `text` on one line, white on dark grey; cut with '...' to fit."""
+    row_height, margin, font = (round(v * scale) for v in (STRIP_ROW, STRIP_GAP // 2, 1))
+    while len(text) > 3 and cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, STRIP_FONT_SCALE * scale,
+                                            font)[0][0] > width - 2 * margin:
+        text = text[:-4] + "..."
+    strip = np.full((row_height, width, 3), STRIP_BACKGROUND, np.uint8)
+    cv2.putText(strip, text, (margin, row_height - 4 * font), cv2.FONT_HERSHEY_SIMPLEX, STRIP_FONT_SCALE * scale,
+                (255, 255, 255), font, cv2.LINE_AA)
+    return strip
+
+
+def explained_panel(image_rgb, masks, class_names, title):
+    """overlay_panel under a title and above a legend, so the picture explains itself outside the toolkit.
+
+    The strips grow with the panel (one size step per 640 pixels of width), to stay readable on large photos.
+    """
+    panel = overlay_panel(image_rgb, masks, len(class_names))
+    scale = max(1, panel.shape[1] // 640)
+    return np.concatenate([title_strip(title, panel.shape[1], scale), panel,
+                           legend_strip(class_names, panel.shape[1], scale)])
+
+
 def overlay_panel(image_rgb, masks, num_classes):
     """The image | one overlay per label map (ground truth, prediction, ...), side by side; RGB uint8."""
     return np.concatenate([image_rgb] + [overlay(image_rgb, mask, num_classes) for mask in masks], axis=1)

@@ -25,8 +25,6 @@ FALLBACK_FPS = 30.0  # cameras (and a few files) report no frame rate
 SCENE_CUT = 30.0  # mean absolute difference of grey thumbnails (0-255) above which frames are of two scenes
 CUT_THUMBNAIL = (32, 32)  # small enough that noise and small motion average out
 PROGRESS_SECONDS = 2.0
-LEGEND_ROW, LEGEND_SWATCH, LEGEND_GAP, LEGEND_SCALE = 16, 10, 12, 0.4  # pixels; cv2 font scale
-LEGEND_BACKGROUND = 32  # dark grey, under white names
 
 
 def smoothing_weight(text):
@@ -188,29 +186,6 @@ def check_video_output(path):
                               f"{', '.join(FOURCC.values())}), not {extension or 'no extension'}")
 
 
-def legend_strip(class_names, width):
-    """An RGB strip `width` wide naming each class's colour, in as many rows as the names need.
-
-    Background is left out: its pixels keep the frame's own colours.
-    """
-    palette, items, x, row = utils.class_palette(len(class_names)), [], LEGEND_GAP // 2, 0
-    for label, name in enumerate(class_names[1:], 1):
-        text_width = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, LEGEND_SCALE, 1)[0][0]
-        item_width = LEGEND_SWATCH + 4 + text_width
-        if items and x + item_width > width:
-            x, row = LEGEND_GAP // 2, row + 1
-        items.append((label, name, x, row * LEGEND_ROW))
-        x += item_width + LEGEND_GAP
-    strip = np.full(((row + 1) * LEGEND_ROW, width, 3), LEGEND_BACKGROUND, np.uint8)
-    for label, name, x, y in items:
-        top = y + (LEGEND_ROW - LEGEND_SWATCH) // 2
-        cv2.rectangle(strip, (x, top), (x + LEGEND_SWATCH - 1, top + LEGEND_SWATCH - 1),
-                      tuple(int(v) for v in palette[label]), thickness=-1)
-        cv2.putText(strip, name, (x + LEGEND_SWATCH + 4, y + LEGEND_ROW - 4), cv2.FONT_HERSHEY_SIMPLEX,
-                    LEGEND_SCALE, (255, 255, 255), 1, cv2.LINE_AA)
-    return strip
-
-
 @contextlib.contextmanager
 def atomic_video_writer(path, fps, size):
     """A cv2.VideoWriter of `size` (width, height) frames for `path`, as utils.atomic_open writes a file.
@@ -244,7 +219,7 @@ def overlay_video(path, fps, frame_size, class_names):
     """Yield write(rgb, labels): the frame with its labels' colours (utils.overlay) above the legend strip,
     encoded to `path` (atomic_video_writer)."""
     height, width = frame_size
-    legend = legend_strip(class_names, width)
+    legend = utils.legend_strip(class_names, width)
     if (height + len(legend)) % 2:  # 4:2:0 encoders drop an odd last row: let it be a row of the legend's
         legend = np.pad(legend, ((0, 1), (0, 0), (0, 0)), mode="edge")
     with atomic_video_writer(path, fps, (width, height + len(legend))) as writer:

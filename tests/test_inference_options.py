@@ -58,15 +58,31 @@ def test_eval_scores_are_the_iou_of_the_saved_masks(predicted, val_set):
     assert scores["miou"] == pytest.approx(np.nanmean(iou))
 
 
-def test_vis_panel_is_the_image_beside_its_overlay(predicted, val_set):
+def test_vis_panel_is_the_image_beside_its_overlay_under_a_title_and_above_a_legend(predicted, val_set, tiny_run):
     _, out = predicted
+    names = val_set.class_names
     for info, mask in zip(val_set.images, saved_masks(out / "masks", val_set)):
         panel = cv2.cvtColor(cv2.imread(str(out / "vis" / png_name(info))), cv2.COLOR_BGR2RGB)
         height, width = info["height"], info["width"]
-        assert panel.shape == (height, 2 * width, 3)
+        title = utils.title_strip(f"{info['file_name']} | {tiny_run / utils.BEST_CHECKPOINT}", 2 * width)
+        legend = utils.legend_strip(names, 2 * width)
+        assert panel.shape == (len(title) + height + len(legend), 2 * width, 3)
         image = data.read_image(val_set.coco.image_path(info))
-        np.testing.assert_array_equal(panel[:, :width], image)
-        np.testing.assert_array_equal(panel[:, width:], utils.overlay(image, mask, len(val_set.class_names)))
+        np.testing.assert_array_equal(panel[:len(title)], title)
+        body = panel[len(title):len(title) + height]
+        np.testing.assert_array_equal(body[:, :width], image)
+        np.testing.assert_array_equal(body[:, width:], utils.overlay(image, mask, len(names)))
+        np.testing.assert_array_equal(panel[len(title) + height:], legend)
+        assert (title != utils.STRIP_BACKGROUND).any()  # the title's text is drawn
+
+
+def test_the_legend_shows_every_class_but_background_in_its_colour():
+    names = ["Background", "Paper", "Metal", "Glass"]
+    legend = utils.legend_strip(names, 400)
+    colours = {tuple(int(v) for v in pixel) for pixel in legend.reshape(-1, 3)}
+    palette = [tuple(int(v) for v in colour) for colour in utils.class_palette(len(names))]
+    assert set(palette[1:]) <= colours and palette[0] not in colours
+    assert len(utils.legend_strip(names, 60)) > len(legend)  # too narrow for one row: the names wrap
 
 
 def test_oof_scores_each_fold_on_its_own_val_images(tiny_demo, constant_checkpoint, run_inference, tmp_path):

@@ -103,6 +103,7 @@ def write_wild_photos(folder):
 def test_a_folder_of_wild_photos_gives_masks_and_panels_at_the_size_people_see(mixed, capsys):
     _, run, tmp = mixed
     shown, broken = write_wild_photos(tmp / "photos")
+    run_class_names = utils.load_checkpoint(os.path.join(run, utils.BEST_CHECKPOINT))["class_names"]
     for tile in ([], ["--tile", "48"]):
         out = tmp / f"out{len(tile)}"
         inference.main(inference.get_args_parser().parse_args(
@@ -111,7 +112,9 @@ def test_a_folder_of_wild_photos_gives_masks_and_panels_at_the_size_people_see(m
         assert f"{broken} unreadable file(s) skipped" in capsys.readouterr().out
         for stem, (height, width) in shown.items():
             assert np.array(Image.open(out / "masks" / f"{stem}.png")).shape == (height, width)
-            assert np.array(Image.open(out / "vis" / f"{stem}.png")).shape == (height, 2 * width, 3)
+            vis = np.array(Image.open(out / "vis" / f"{stem}.png"))
+            strips = len(utils.title_strip("", 2 * width)) + len(utils.legend_strip(run_class_names, 2 * width))
+            assert vis.shape == (height + strips, 2 * width, 3)
         rows = utils.read_submission(out / "sub.csv", 11)
         assert sorted(os.path.splitext(name)[0] for name in rows) == sorted(shown)
 

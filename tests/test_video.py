@@ -85,7 +85,7 @@ def test_the_overlay_has_every_frame_and_the_csv_a_row_per_predicted_frame(clip,
     overlay, frames = read_frames(out / "overlay.mp4"), read_frames(clip)
     assert len(overlay) == FRAMES
     names = class_names(constant)
-    legend = video.legend_strip(names, WIDTH)
+    legend = utils.legend_strip(names, WIDTH)
     assert overlay[0].shape == (HEIGHT + len(legend) + (HEIGHT + len(legend)) % 2, WIDTH, 3)
     colour = utils.class_palette(len(names))[LABEL][::-1].astype(np.float32)  # BGR
     for shown, frame in zip(overlay, frames):  # every pixel is the frame blended half and half with LABEL's colour
