@@ -111,6 +111,7 @@ class BrightIsCan(torch.nn.Module):
     """Fake ensemble: bright pixels are 'Can' with p = 0.95, dark ones 'Bottle' with p = 0.6."""
 
     tiling = None
+    members = ()  # none that could say which data root they were trained on
 
     def forward(self, images):  # uint8 images, as the prediction datasets give them
         bright = (images.float().mean(1) > 127.5).float()
