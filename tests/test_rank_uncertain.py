@@ -30,6 +30,7 @@ class RedIsCan(torch.nn.Module):
     so each pixel's uncertainty is uncertainty_of_red(red); green (the photo's texture) carries no signal."""
 
     tiling = None
+    members = ()  # none that could say which data root they were trained on
 
     def forward(self, images):  # a batch tensor or a list of uint8 images; one C x H x W map each
         return [torch.stack([torch.zeros_like(can), can, 1 - can]) for can in (image[0].float() / 255
