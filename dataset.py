@@ -968,7 +968,8 @@ def read_label_png(path):
     """Raw label values of a paletted or greyscale PNG (OpenCV would turn a paletted one into colours)."""
     with Image.open(path) as image:
         if image.mode not in ("P", "L"):
-            raise ValueError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale)")
+            raise UserError(f"{path} is a {image.mode} PNG, not a label map (paletted or greyscale): write it again "
+                            f"with pseudo_label.py, or save it as a PNG of class indices")
         return np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
 
 
@@ -982,10 +983,14 @@ def read_manifest(out_dir):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist: run pseudo_label.py --out {out_dir} first")
     with open(path) as f:
-        manifest = json.load(f)
+        try:
+            manifest = json.load(f)
+        except ValueError as err:
+            raise UserError(f"{path} is not valid json ({err}): run pseudo_label.py --out {out_dir} again") from None
     missing = [key for key in PSEUDO_MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}: not a pseudo-label manifest")
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is not a pseudo-label manifest; run pseudo_label.py "
+                        f"--out {out_dir} again")
     return manifest
 
 
@@ -1021,6 +1026,9 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
             self.items = drop_val_images(self.items, manifest["source"], exclude)
             print(f"{out_dir}: dropped {len(manifest['items']) - len(self.items)} pseudo-labelled image(s) "
                   f"that are validation images of this run; {len(self.items)} left")
+        if not self.items:
+            raise UserError(f"--pseudo {out_dir}: none of its {len(manifest['items'])} pseudo-labelled images can be "
+                            f"trained on (validation images are left out): pseudo-label other photos, or drop --pseudo")
 
     def __len__(self):
         return len(self.items)
@@ -1169,7 +1177,8 @@ def repeat_factors(label_sets, thresh):
     (an image whose classes are unknown, e.g. pseudo-labelled), gets 1.
     """
     if not thresh > 0:
-        raise ValueError(f"the repeat threshold must be > 0, got {thresh}")
+        raise UserError(f"--repeat-thresh must be above 0, not {thresh}: images holding a class found in fewer "
+                        f"than that share of the images are repeated (e.g. 0.5)")
     known = [labels for labels in label_sets if labels is not None]
     images_holding = collections.Counter(label for labels in known for label in labels)
     class_factor = {label: max(1.0, math.sqrt(thresh * len(known) / count)) for label, count in images_holding.items()}
@@ -1230,8 +1239,11 @@ class RareClassCrop(A.RandomResizedCrop):
 
     def __init__(self, size, scale=(0.35, 1.0), rare_labels=(), max_ratio=0.75, tries=10, p=1.0):
         super().__init__(size=size, scale=scale, p=p)
-        if not 0 < max_ratio <= 1 or tries < 1:
-            raise ValueError(f"RareClassCrop needs 0 < max_ratio <= 1 and tries >= 1, got {max_ratio}, {tries}")
+        if not 0 < max_ratio <= 1:
+            raise UserError(f"--crop-max-ratio must be above 0 and at most 1, not {max_ratio}: it is the largest "
+                            f"share of a crop's labelled pixels one class may cover (e.g. 0.75)")
+        if tries < 1:
+            raise ValueError(f"RareClassCrop needs tries >= 1, got {tries}")
         self.rare_labels, self.max_ratio, self.tries = np.array(sorted(rare_labels), dtype=np.int64), max_ratio, tries
 
     def get_params_dependent_on_data(self, params, data):
@@ -1272,7 +1284,8 @@ def build_transform(preset, size, mean=IMAGENET_MEAN, std=IMAGENET_STD, extra=()
     if preset not in AUGMENTATIONS + ("eval",):
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {AUGMENTATIONS}")
     if crop_rare is not None and preset not in ("light", "strong"):
-        raise ValueError(f"rare-class crops need the light or strong augmentation preset, not {preset!r}")
+        raise UserError(f"--crop-rare crops with the light or strong augmentation, not --aug {preset}: pass --aug "
+                        f"light or --aug strong, or drop --crop-rare")
     steps = list(extra)
     crop = A.RandomResizedCrop if crop_rare is None else functools.partial(RareClassCrop, **crop_rare)
     if preset == "strong":
@@ -1335,7 +1348,8 @@ def kfold_splits(coco, n_splits=5, seed=0):
     turn; the turn carries over between strata so fold sizes stay within one.
     """
     if n_splits < 2 or n_splits > len(coco.images):
-        raise ValueError(f"n_splits must be in 2..{len(coco.images)} (number of images), not {n_splits}")
+        raise UserError(f"--n-folds {n_splits} does not fit {coco.path}: it has {len(coco.images)} images, so "
+                        f"pass --n-folds from 2 to {len(coco.images)}")
     strata = collections.defaultdict(list)
     for image_id, stratum in sorted(rarest_class_per_image(coco).items()):
         strata[stratum].append(image_id)
@@ -1349,10 +1363,17 @@ def kfold_splits(coco, n_splits=5, seed=0):
     return [sorted(fold) for fold in folds]
 
 
-def fold_image_ids(coco, fold, n_splits=5, seed=0):
-    """(train ids, val ids) of one fold."""
+def check_fold(fold, n_splits):
+    """A UserError unless --fold names one of --n-folds folds (2 or more)."""
+    if n_splits < 2:
+        raise UserError(f"--n-folds must be 2 or more (one fold validates, the others train), not {n_splits}")
     if not 0 <= fold < n_splits:
         raise UserError(f"--fold must be in 0..{n_splits - 1} (--n-folds {n_splits}), not {fold}")
+
+
+def fold_image_ids(coco, fold, n_splits=5, seed=0):
+    """(train ids, val ids) of one fold."""
+    check_fold(fold, n_splits)
     val_ids = kfold_splits(coco, n_splits, seed)[fold]
     val = set(val_ids)
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
@@ -1445,6 +1466,8 @@ def get_args_parser():
 def main(args):
     if args.command == "make-demo":
         return demo.main(args)
+    if args.command == "summary" and args.fold is not None:
+        check_summary_fold(args)
     prepare_data_root(args.root)
     require_json(args.root, args.json, "--json")
     if args.command == "subset":
@@ -1455,11 +1478,17 @@ def main(args):
             write_summary_report(args)
 
 
+def check_summary_fold(args):
+    """summary --fold charts a fold of the split in the --report: nothing else shows it."""
+    if not args.report:
+        raise UserError("summary --fold charts that fold's class balance in the report: add --report DIR, or drop "
+                        "--fold")
+    check_fold(args.fold, args.n_folds)
+
+
 def write_summary_report(args):
     import report  # matplotlib is loaded only when a report is asked for
 
-    if args.fold is not None and not 0 <= args.fold < args.n_folds:
-        raise ValueError(f"--fold must be in 0..{args.n_folds - 1}, not {args.fold}")
     dataset = SegmentationDataset(args.root, args.json, mode="val", paint_order=args.paint_order)
     print("wrote " + report.write_dataset_report(dataset, args.report, args.fold, args.n_folds, args.fold_seed))
 

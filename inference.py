@@ -183,21 +183,42 @@ def finish_report(args, accumulator, title):
         print("wrote " + accumulator.write(args.report, title))
 
 
-def run_oof(args):
-    """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
-    transforms = ensembles.build_tta(args)
-    confusion, split, seen, first_order, accumulator = None, None, {}, None, None
-    for path in ensembles.expand_checkpoints([args.oof]):
+def oof_checkpoints(pattern):
+    """{fold: (path, checkpoint)} of the --oof runs, checked before any prediction: each trained with --fold,
+    all on one k-fold split, each fold once."""
+    runs, split, first = {}, None, None
+    for path in ensembles.expand_checkpoints([pattern]):
         checkpoint = utils.load_checkpoint(path, required_keys=utils.MODEL_KEYS + ("args",))
         run = checkpoint["args"]
         if run.get("fold") is None:
-            raise ValueError(f"{path} was not trained with --fold")
+            raise utils.UserError(f"--oof {pattern}: {path} was not trained with --fold: pass the runs of train.py "
+                                  f"--fold K (e.g. --oof 'runs/*-fold*'), or score this one with --eval")
         run_split = (os.path.realpath(os.path.join(run["data_root"], run["all_json"])), run["n_folds"], run["fold_seed"])
-        if split is not None and run_split != split:
-            raise ValueError(f"{path} splits {run_split}, other runs split {split}")
-        if run["fold"] in seen:
-            raise ValueError(f"fold {run['fold']} appears twice: {seen[run['fold']]} and {path}")
-        split, seen[run["fold"]] = run_split, path
+        if split is None:
+            split, first = run_split, path
+        elif run_split != split:
+            raise utils.UserError(f"--oof {pattern}: {path} splits {split_text(run_split)}, {first} splits "
+                                  f"{split_text(split)}: pass the runs of one split (same --all-json, --n-folds and "
+                                  f"--fold-seed)")
+        if run["fold"] in runs:
+            raise utils.UserError(f"--oof {pattern}: fold {run['fold']} appears twice, in {runs[run['fold']][0]} and "
+                                  f"{path}: pass one run per fold")
+        runs[run["fold"]] = path, checkpoint
+    return runs
+
+
+def split_text(split):
+    json_path, n_folds, fold_seed = split
+    return f"{json_path} into {n_folds} folds (seed {fold_seed})"
+
+
+def run_oof(args):
+    """Each fold's checkpoint predicts its own val images; one confusion matrix over all folds."""
+    transforms = ensembles.build_tta(args)
+    confusion, first_order, accumulator = None, None, None
+    runs = oof_checkpoints(args.oof)
+    for path, checkpoint in runs.values():
+        run = checkpoint["args"]
         ensemble, class_names = ensembles.build_ensemble([path], [checkpoint], args.device, transforms,
                                                          tiling=ensembles.build_tiling(args))
         coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
@@ -222,9 +243,9 @@ def run_oof(args):
                 accumulator.add(info, target, pred.cpu().numpy(), dataset.coco.image_path(info))
         print(f"fold {run['fold']}: mIoU {fold_confusion.compute()['miou']:.4f} on {len(dataset)} images")
         confusion = fold_confusion.mat if confusion is None else confusion + fold_confusion.mat
-    missing = sorted(set(range(run["n_folds"])) - set(seen))
+    missing = sorted(set(range(run["n_folds"])) - set(runs))
     scores = utils.scores_from_confusion(confusion.cpu().numpy())
-    print(f"out-of-fold over folds {sorted(seen)}" + (f" (missing folds {missing})" if missing else ""))
+    print(f"out-of-fold over folds {sorted(runs)}" + (f" (missing folds {missing})" if missing else ""))
     print(utils.format_iou_table(class_names, scores))
     finish_report(args, accumulator, f"Out-of-fold evaluation: {args.oof}")
     return scores

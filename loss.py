@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils import UserError
+
 LOSS_NAMES = ("ce", "dice", "focal", "lovasz", "ohem")
 
 
@@ -44,6 +46,9 @@ class CELoss(nn.Module):
 
     def __init__(self, weight=None, ignore_index=255, label_smoothing=0.0):
         super().__init__()
+        if not 0 <= label_smoothing <= 1:
+            raise UserError(f"--label-smoothing must be in [0, 1], not {label_smoothing}: it is the probability "
+                            f"spread over the other classes (0: none, e.g. 0.1)")
         self.register_buffer("weight", weight, persistent=False)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
@@ -68,7 +73,8 @@ class OhemCELoss(CELoss):
     def __init__(self, weight=None, ignore_index=255, label_smoothing=0.0, thresh=0.7, min_kept=10000):
         super().__init__(weight, ignore_index, label_smoothing)
         if not 0 < thresh <= 1 or min_kept < 0:
-            raise ValueError(f"ohem needs 0 < thresh <= 1 and min_kept >= 0, got {thresh}, {min_kept}")
+            raise UserError(f"--loss ohem needs --ohem-thresh in (0, 1] and --ohem-min-kept >= 0, not {thresh} and "
+                            f"{min_kept}: it trains on pixels whose true-class probability is under --ohem-thresh")
         self.thresh, self.min_kept = thresh, min_kept
 
     def forward(self, logits, target):
@@ -213,33 +219,43 @@ class AuxiliaryLoss(nn.Module):
 
 
 def parse_loss_spec(spec):
-    """'ce:1,dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; a name without ':weight' has weight 1."""
-    valid = f"valid names: {', '.join(LOSS_NAMES)}; write e.g. 'ce:1,dice:0.5'"
+    """'ce:1,dice:0.5' -> {'ce': 1.0, 'dice': 0.5}; a name without ':weight' has weight 1.
+
+    A bad spec is a UserError naming train.py's --loss, the bad part and the valid names.
+    """
+    valid = f"valid names: {', '.join(LOSS_NAMES)}; write e.g. --loss ce:1,dice:0.5"
     weights = {}
     for part in spec.split(","):
         name, has_weight, weight_text = (s.strip() for s in part.partition(":"))
         if name not in LOSS_NAMES:
-            raise ValueError(f"unknown loss {name!r} in {spec!r}; {valid}")
+            raise UserError(f"--loss {spec!r}: unknown loss {name!r}; {valid}")
         if name in weights:
-            raise ValueError(f"loss {name!r} appears twice in {spec!r}; {valid}")
+            raise UserError(f"--loss {spec!r}: loss {name!r} appears twice; {valid}")
         try:
             weight = float(weight_text) if has_weight else 1.0
         except ValueError:
             weight = math.nan
         if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"bad weight in {part.strip()!r} of {spec!r}: must be a positive number; {valid}")
+            raise UserError(f"--loss {spec!r}: bad weight in {part.strip()!r}, which must be a positive number; {valid}")
         weights[name] = weight
     return weights
+
+
+def check_class_weights(class_weights):
+    """A UserError naming --class-weights unless every weight is a finite number >= 0."""
+    weight = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+    if not (torch.isfinite(weight).all() and (weight >= 0).all()):
+        raise UserError(f"--class-weights: class weights must be finite and >= 0, not {weight.tolist()}: pass one "
+                        f"weight per class (e.g. 0.5,1,2), or --class-weights auto")
+    return weight
 
 
 def _class_weight_tensor(class_weights, num_classes):
     if class_weights is None:
         return None
-    weight = torch.as_tensor(class_weights, dtype=torch.float32).flatten()
+    weight = check_class_weights(class_weights)
     if len(weight) != num_classes:
         raise ValueError(f"got {len(weight)} class weights for {num_classes} classes")
-    if not (torch.isfinite(weight).all() and (weight >= 0).all()):
-        raise ValueError(f"class weights must be finite and >= 0, got {weight.tolist()}")
     return weight
 
 

@@ -244,6 +244,12 @@ def check_fold_flags(args):
                               f"the fold, or drop --fold to train on those jsons")
 
 
+def check_loss_flags(args):
+    """A bad --loss or --class-weights stops the run before any data is read (the class count needs the data)."""
+    losses.parse_loss_spec(args.loss)
+    parse_class_weights(args.class_weights)
+
+
 def check_jsons(args):
     """Stop with the flag to fix when a json this run reads is missing."""
     if args.fold is None:
@@ -303,7 +309,9 @@ def build_loaders(args, train_set, val_set, rank, world_size):
                                                **loader_kwargs)
     # each rank scores a disjoint share of the val images, no padding, so the summed matrix is exact
     if len(val_set) < world_size:  # a rank without val images would miss DDP's buffer broadcast in evaluate()
-        raise ValueError(f"{len(val_set)} validation images cannot be shared among {world_size} processes")
+        raise utils.UserError(f"{len(val_set)} validation images cannot be shared among {world_size} processes, "
+                              f"each of which scores its own share: start at most {len(val_set)} (torchrun "
+                              f"--nproc-per-node), or validate on more images (--val-json, or fewer --n-folds)")
     val_indices = list(range(rank, len(val_set), world_size))
     # val masks keep each image's size: collate_mixed lists them when sizes differ
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, sampler=val_indices,
@@ -346,12 +354,25 @@ def drop_val_photos(images, val_set, strict):
     return kept
 
 
+def parse_class_weights(spec):
+    """--class-weights: None, 'auto', or its weights (numbers, each finite and >= 0)."""
+    if spec in (None, "auto"):
+        return spec
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise utils.UserError(f"--class-weights {spec}: not a comma-separated list of numbers: pass one weight per "
+                              f"class (e.g. 0.5,1,2), or --class-weights auto") from None
+    losses.check_class_weights(weights)
+    return weights
+
+
 def resolve_class_weights(spec, train_set, num_classes):
-    if spec is None:
+    weights = parse_class_weights(spec)
+    if weights is None:
         return None
-    if spec == "auto":
+    if weights == "auto":
         return losses.auto_class_weights(torch.as_tensor(data.pixel_counts(train_set)))
-    weights = [float(w) for w in spec.split(",")]
     if len(weights) != num_classes:
         raise utils.UserError(f"--class-weights has {len(weights)} values, the dataset has {num_classes} classes "
                               f"{train_set.class_names}: pass one weight per class, or --class-weights auto")
@@ -739,7 +760,8 @@ def build_model(args, num_classes, local_rank, world_size):
                                 pretrained=args.pretrained, weights=args.weights, **model_options(args))
     if args.sync_bn and world_size > 1:
         if not args.device.startswith("cuda"):
-            raise ValueError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation")
+            raise utils.UserError(f"--sync-bn needs CUDA devices, not --device {args.device}: PyTorch's SyncBatchNorm "
+                                  f"has no CPU implementation; drop --sync-bn, or train on GPUs (--device cuda)")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(args.device)
     if args.channels_last:
@@ -838,6 +860,7 @@ def start_run_folder(args):
 
 def main(args):
     check_fold_flags(args)
+    check_loss_flags(args)
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:
         args.device = f"cuda:{local_rank}"

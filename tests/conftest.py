@@ -4,7 +4,9 @@ The session's demo set is shared by many tests: treat it as read-only (its mask 
 and ask for `tiny_demo_copy` to change it. Runs and predictions go to each test's own folders.
 """
 import os
+import runpy
 import shutil
+import sys
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import pseudo_label
 import train
 import utils
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_SIZES = dict(size=64, n_train=8, n_val=4, n_test=3)
 # A tiny model on tiny images, one CPU process: a few seconds an epoch.
 TINY_TRAIN = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
@@ -123,3 +126,22 @@ def constant_checkpoint(tiny_run):
         utils.save_checkpoint(checkpoint, path)
         return path
     return write
+
+
+@pytest.fixture
+def script_error(monkeypatch, capsys):
+    """script_error(script, *argv): the `error: ...` line of `script`'s own `__main__` run, which must end in a
+    UserError: exit status 2 and that one stderr line, no traceback.
+
+    Run in this process (a fresh interpreter costs seconds of imports); the modules it imports are the
+    ones the test sees, so a test may monkeypatch them.
+    """
+    def run(script, *argv):
+        monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+        capsys.readouterr()  # what fixtures printed before
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+        stderr = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and "\n" not in stderr and stderr.startswith("error: "), stderr
+        return stderr
+    return run

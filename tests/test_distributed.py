@@ -249,12 +249,14 @@ def test_plain_python_runs_single_process(tiny_demo, tiny_train_argv, tmp_path):
 
 
 def test_sync_bn_on_cpu_is_refused_with_a_clear_error(tiny_demo, tiny_train_argv):
-    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+    with pytest.raises(utils.UserError, match="--sync-bn needs CUDA devices, not --device cpu: .* drop --sync-bn, or "
+                                              "train on GPUs"):
         train.build_model(tiny_args(tiny_train_argv(tiny_demo), "--sync-bn"), num_classes=3, local_rank=0,
                           world_size=WORLD_SIZE)
 
 
 def test_fewer_val_images_than_processes_are_refused(tiny_demo, tiny_train_argv):
-    with pytest.raises(ValueError, match="cannot be shared"):
+    with pytest.raises(utils.UserError, match=r"1 validation images cannot be shared among 2 processes, .* start at "
+                                              r"most 1 \(torchrun --nproc-per-node\), or validate on more images"):
         train.build_loaders(tiny_args(tiny_train_argv(tiny_demo)), list(range(TRAIN_IMAGES)), [0], rank=0,
                             world_size=WORLD_SIZE)

@@ -7,7 +7,6 @@ like training; copy-paste images made from validation images dropped; stale temp
 import json
 import os
 import re
-import runpy
 import subprocess
 import sys
 import time
@@ -119,15 +118,11 @@ USER_ERRORS = {
 
 
 @pytest.mark.parametrize("case", USER_ERRORS)
-def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_path, monkeypatch, capsys):
-    """Each script's own `__main__` line, run in this process (a fresh interpreter costs seconds of imports)."""
+def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_path, script_error):
+    """Each script's own `__main__` line (see conftest.script_error)."""
     script, argv, words = USER_ERRORS[case]
     argv = argv(root, run, str(tmp_path))
-    monkeypatch.setattr(sys, "argv", [script, *argv, *([] if script in ("dataset.py", "copy_paste.py") else CPU)])
-    with pytest.raises(SystemExit) as stop:
-        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-    stderr = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and "\n" not in stderr and stderr.startswith("error: ") and words in stderr
+    assert words in script_error(script, *argv, *([] if script in ("dataset.py", "copy_paste.py") else CPU))
 
 
 def test_no_checkpoint_in_a_fresh_interpreter_prints_no_traceback(root, tmp_path):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import dataset as data
 import loss as losses
 import train
+import utils
 
 
 # ---------------------------------------------------------------- a hand-made dataset
@@ -51,7 +52,7 @@ def test_repeat_factors_of_a_coco_dataset_come_from_its_annotations(tmp_path):
 
 
 def test_repeat_threshold_must_be_positive():
-    with pytest.raises(ValueError, match="must be > 0"):
+    with pytest.raises(utils.UserError, match="--repeat-thresh must be above 0, not 0"):
         data.repeat_factors([{1}], thresh=0)
 
 
@@ -252,7 +253,7 @@ def test_ohem_with_threshold_one_and_nothing_confident_is_plain_ce():
 
 
 def test_ohem_rejects_bad_options():
-    with pytest.raises(ValueError, match="0 < thresh <= 1"):
+    with pytest.raises(utils.UserError, match=r"--ohem-thresh in \(0, 1\] and --ohem-min-kept >= 0, not 0 and"):
         losses.OhemCELoss(thresh=0)
 
 
