@@ -11,6 +11,7 @@ import argparse
 import collections
 import glob
 import json
+import math
 import os
 
 import albumentations as A
@@ -45,9 +46,10 @@ def add_ensemble_args(p):
     p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
     p.add_argument("--batch-size", type=utils.positive_int, default=4,
                    help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
-    p.add_argument("--tile", type=utils.positive_int, default=None, metavar="SIZE",
-                   help="predict each image window by window, SIZE x SIZE photo pixels each (for photos larger than "
-                        "the training size; device memory stays bounded by the window)")
+    p.add_argument("--tile", type=tile_size, nargs="?", const=NATIVE_TILE, default=None, metavar="SIZE",
+                   help="predict each image window by window (device memory stays bounded by the window): alone, "
+                        "windows as large as the photos the model was trained on, which it then sees at the scale "
+                        "it learned (for photos of a wider scene than those); --tile SIZE: SIZE x SIZE photo pixels")
     p.add_argument("--tile-overlap", type=overlap_fraction, default=1 / 3,
                    help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
     p.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
@@ -55,6 +57,14 @@ def add_ensemble_args(p):
     p.add_argument("--workers", type=utils.non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data loader worker processes")
     utils.add_device_args(p)
+
+
+NATIVE_TILE = "native"  # --tile alone: windows of the training photos' size (native_window)
+
+
+def tile_size(text):
+    """argparse type of --tile: a positive integer, or NATIVE_TILE (what --tile alone gives)."""
+    return NATIVE_TILE if text == NATIVE_TILE else utils.positive_int(text)
 
 
 def overlap_fraction(text):
@@ -108,6 +118,7 @@ class Member(torch.nn.Module):
                                   **checkpoint["model_kwargs"])
         net.load_state_dict(checkpoint["state_dict"])
         self.size = checkpoint["image_size"]
+        self.native_window = native_window(checkpoint.get("train_image_size"), checkpoint["image_size"], self.size)
         self.paint_order = checkpoint.get("args", {}).get("paint_order", "area")  # of the masks it learned from
         self.data_root = checkpoint.get("args", {}).get("data_root")  # of the images it learned from
         probs = NormalisedSoftmax(prepare_for_inference(net), checkpoint["mean"], checkpoint["std"])
@@ -201,8 +212,53 @@ Tiling = collections.namedtuple("Tiling", "size overlap batch_size device")
 
 
 def build_tiling(args):
-    """The window settings --tile asks for; None without --tile (images are resized whole)."""
+    """The window settings --tile asks for; None without --tile (images are resized whole).
+
+    The size of --tile alone (NATIVE_TILE) is known once the members are: build_ensemble sets it (native_tiling).
+    """
     return Tiling(args.tile, args.tile_overlap, args.batch_size, args.device) if args.tile else None
+
+
+def native_window(train_image_size, image_size, input_size):
+    """The side, in photo pixels, of a window that a model resizing it to `input_size` sees at the scale it
+    learned: photos of train_image_size ([height, width]) resized to image_size x image_size. None when the
+    model does not record its training photos' size (checkpoints from before it was recorded).
+
+    A square resize of h x w photos scales the two sides by image_size / h and image_size / w, a square
+    window by one factor: the window's side is their geometric mean, sqrt(h * w). Objects then cover as
+    many model pixels as they did in training, each side off by the same factor sqrt(h / w), one narrower
+    and one wider (max(h, w) would match the long side and shrink objects along the short one by h / w).
+    An ONNX export at another input size than the training size takes a window as much larger.
+    """
+    if train_image_size is None:
+        return None
+    height, width = train_image_size
+    return round(math.sqrt(height * width) * input_size / image_size)
+
+
+def native_tiling(tiling, paths, members):
+    """`tiling` with --tile alone (NATIVE_TILE) made the first member's native_window, said in one line.
+
+    A first member without the record falls back to its training size, with a note. Members that would
+    window differently (trained on photos of other sizes) are warned of once: there is one window per
+    photo, so the first member's is used (--tile SIZE picks another).
+    """
+    if tiling is None or tiling.size != NATIVE_TILE:
+        return tiling
+    first = members[0]
+    windows = {path: member.native_window for path, member in zip(paths, members)}
+    if len(set(windows.values())) > 1:
+        listed = ", ".join(f"{path}: {window or 'not recorded'}" for path, window in windows.items())
+        print(f"warning: --tile: the models were trained on photos of different sizes, so they would window a "
+              f"photo differently ({listed}); using {paths[0]}'s (pass --tile SIZE to choose)")
+    if first.native_window is None:
+        print(f"note: --tile: {paths[0]} does not record the size of its training photos (trained before it was "
+              f"recorded), so windows are {first.size} photo pixels, its training size; pass --tile SIZE with the "
+              f"size of the photos it was trained on")
+        return tiling._replace(size=first.size)
+    print(f"--tile: windows of {first.native_window} x {first.native_window} photo pixels, the size of the photos "
+          f"{paths[0]} was trained on (--tile SIZE sets another)")
+    return tiling._replace(size=first.native_window)
 
 
 def with_tta(probs, tta_transforms):
@@ -242,6 +298,7 @@ class OnnxMember(Member):
         if height != width:
             raise utils.UserError(f"{path} takes {height}x{width} inputs; export.py writes square ones: export again")
         self.size = height
+        self.native_window = native_window(description.get("train_image_size"), description.get("image_size"), height)
         self.paint_order = description["paint_order"]
         self.data_root = description.get("data_root")
         self.probs = with_tta(OnnxProbabilities(description["session"]), tta_transforms)
@@ -345,7 +402,7 @@ def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft",
     for path, checkpoint in zip(paths, checkpoints):
         data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
     members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
-    ensemble = Ensemble(members, vote, tiling).to(device).eval()
+    ensemble = Ensemble(members, vote, native_tiling(tiling, paths, members)).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
 

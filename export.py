@@ -120,6 +120,7 @@ def description(checkpoint, size, labels):
         "num_classes": checkpoint["num_classes"], "class_names": checkpoint["class_names"],
         "palette": utils.class_palette(checkpoint["num_classes"]).tolist(),
         "image_size": checkpoint["image_size"], "input_size": [size, size],
+        "train_image_size": checkpoint.get("train_image_size"),  # --tile alone's window; None before it was recorded
         "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
         "paint_order": paint_order_of(checkpoint),
         "data_root": checkpoint.get("args", {}).get("data_root"),  # where inference.py finds its jsons by default

@@ -564,13 +564,27 @@ def model_options(args):
     return {key: value for key, value in options.items() if value is not None}
 
 
-def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, weights=None):
-    """Everything a resumed run needs; `weights` (default: the model's) is the state dict to predict with."""
+def train_image_size(train_mix):
+    """[height, width] of the labelled photos trained on, as their jsons list them: each side's median.
+
+    Each photo is resized to --size to train, so this says at what scale the model learned the scenes:
+    inference.py's --tile alone cuts windows of as many photo pixels (ensemble.native_window).
+    """
+    photos = [info for part in train_mix.datasets if isinstance(part, data.SegmentationDataset) for info in part.images]
+    return [round(float(np.median([info[side] for info in photos]))) for side in ("height", "width")]
+
+
+def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, native_size, weights=None):
+    """Everything a resumed run needs; `weights` (default: the model's) is the state dict to predict with.
+
+    `native_size`: train_image_size of the photos trained on.
+    """
     model = unwrap(state["model"])
     teacher = state["teacher"]
     return {
         "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": model_options(args),
         "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
+        "train_image_size": native_size,
         "mean": list(mean), "std": list(std), "args": vars(args),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
         "best_miou": state["best_miou"], "skipped_steps": state["skipped_steps"],
@@ -910,11 +924,13 @@ def run_training(args, rank, world_size, local_rank):
     writer = start_run_folder(args) if rank == 0 else None
     history_path = os.path.join(args.output, "metrics.json")
     history = earlier_history(history_path, start_epoch) if rank == 0 else []
+    native_size = train_image_size(train_mix)
 
     def save(name, epoch, step_in_epoch, weights=None):
         check_finite_weights(state["model"], epoch, step_in_epoch)  # on every rank, so all of them stop
         if rank == 0:
-            checkpoint = checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, weights)
+            checkpoint = checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, native_size,
+                                          weights)
             if name == utils.BEST_CHECKPOINT:
                 checkpoint = prediction_checkpoint(checkpoint)
             utils.save_checkpoint(checkpoint, os.path.join(args.output, name))
