@@ -158,7 +158,7 @@ class FrameLabeller:
     @torch.inference_mode()
     def __call__(self, rgb, restart=False):
         frame = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(self.device)
-        square = ensembles.resize_rows(frame, (self.size, self.size))  # [0, 1] floats, as each member makes them
+        square = ensembles.resize_image(frame, (self.size, self.size))  # rounded to uint8, as a photo's is
         with utils.autocast(self.device, self.amp):
             probs = self.ensemble(square)[0].float()
         return labels_at(self.ema(probs, restart), rgb.shape[:2])

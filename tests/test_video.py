@@ -142,8 +142,8 @@ class BrightnessModel:
 
     members = [types.SimpleNamespace(size=8)]
 
-    def __call__(self, images):
-        bright = images.mean((1, 2, 3), keepdim=True).expand(-1, 1, *images.shape[-2:])
+    def __call__(self, images):  # uint8 frames resized as a photo's are, or [0, 1] floats
+        bright = ensembles.unit_range(images).mean((1, 2, 3), keepdim=True).expand(-1, 1, *images.shape[-2:])
         return torch.cat([1 - bright, bright], 1)
 
 
