@@ -434,9 +434,9 @@ def get_args_parser():
     parser.add_argument("--data-root", default=data.DEFAULT_DATA_ROOT, help="dataset folder (default: the demo set)")
     parser.add_argument("--json", default="train.json", help="source json, relative to --data-root")
     parser.add_argument("--out", required=True, help="output folder for the images and the json")
-    parser.add_argument("--n", type=int, default=1500, help="number of images to write")
+    parser.add_argument("--n", type=utils.positive_int, default=1500, help="number of images to write")
     parser.add_argument("--classes", default=None, help="comma-separated class names (default: the rarest two)")
-    parser.add_argument("--max-objects", type=int, default=3, help="objects pasted per image, at most")
+    parser.add_argument("--max-objects", type=utils.positive_int, default=3, help="objects pasted per image, at most")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice and placement of the objects")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the object bank is cached")
     return parser

@@ -43,7 +43,7 @@ def add_ensemble_args(p):
                    help="dataset folder of --json (default: the one the checkpoints were trained on, else the demo set)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: horizontal flip")
     p.add_argument("--tta-vflip", action="store_true", help="with --tta, also vertical flip")
-    p.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="with --tta, also these scales")
+    p.add_argument("--tta-scales", type=utils.positive_float, nargs="+", default=[1.0], help="with --tta, also these scales")
     p.add_argument("--batch-size", type=utils.positive_int, default=4,
                    help="images per batch (images of different sizes are batched too); with --tile, windows per batch")
     p.add_argument("--tile", type=tile_size, nargs="?", const=NATIVE_TILE, default=None, metavar="SIZE",

@@ -48,8 +48,8 @@ def get_args_parser():
                         "else the demo set)")
     p.add_argument("--json", default="test.json", help="images to check with, relative to --data-root")
     p.add_argument("--check-images", type=int, default=8, help="how many of its images to compare on")
-    p.add_argument("--max-prob-diff", type=float, default=1e-4, help="largest allowed probability difference")
-    p.add_argument("--min-agreement", type=float, default=0.999, help="smallest allowed argmax agreement")
+    p.add_argument("--max-prob-diff", type=utils.non_negative_float, default=1e-4, help="largest allowed probability difference")
+    p.add_argument("--min-agreement", type=utils.probability, default=0.999, help="smallest allowed argmax agreement")
     p.add_argument("--int8", action="store_true", help="write the model quantized to int8 (static, calibrated)")
     p.add_argument("--calibration", nargs="+", metavar="PATH",
                    help="with --int8: photos (files, folders, globs) or COCO jsons (images beside them) that "
@@ -59,7 +59,7 @@ def get_args_parser():
     p.add_argument("--eval-json", default=None, metavar="JSON",
                    help="with --int8: a labelled json under --data-root (e.g. val.json) on which float and int8 "
                         "mIoU are compared (default: only their agreement on the calibration photos is reported)")
-    p.add_argument("--max-miou-drop", type=float, default=0.01,
+    p.add_argument("--max-miou-drop", type=utils.probability, default=0.01,
                    help="with --eval-json: the largest mIoU loss of the int8 model allowed")
     return p
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import IMAGENET_MEAN, IMAGENET_STD
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError, load_checkpoint
 
 
 # Short encoder names -> timm names; the tags pick weights that exist on the timm hub.
@@ -102,16 +102,18 @@ def create_model(name, encoder, num_classes, in_channels=3, pretrained=False, we
 def load_weights_file(path):
     """State dict from a .safetensors file or a torch checkpoint (optionally under 'state_dict'/'model')."""
     path = os.fspath(path)
+    fix = "pass --weights a .pth/.pt state dict or a .safetensors file of the timm encoder"
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"encoder weights file not found: {path!r} (the `weights` option expects a local .pth/.pt "
-            "state dict or a .safetensors file of the timm encoder)"
-        )
+        raise UserError(f"encoder weights {path} do not exist: {fix}")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise UserError(f"encoder weights {path} cannot be read ({err}): {fix}") from None
+    state = load_checkpoint(path, fix=fix)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -130,11 +132,11 @@ def _create_timm_model(name, pretrained, weights, **kwargs):
             raise
         cfg = timm.models.get_pretrained_cfg(name)
         source = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg and cfg.hf_hub_id else "the timm hub"
-        raise RuntimeError(
-            f"could not get pretrained weights for encoder {name!r} ({err}). Offline? Download "
-            f"model.safetensors from {source} on a connected machine and pass weights=PATH "
-            "(a .safetensors or .pth state dict of the timm model) instead of pretrained=True."
-        ) from err
+        reason = str(err).split("\n")[0]
+        raise UserError(
+            f"could not download the pretrained weights of encoder {name!r} ({reason}). Offline? Download "
+            f"model.safetensors from {source} on a connected machine and pass --weights PATH instead of --pretrained"
+        ) from None
 
 
 class EncoderCannotDilate(ValueError):

@@ -40,11 +40,11 @@ def get_args_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     utils.add_device_args(p, amp_help=None)
-    p.add_argument("--max-upload-mb", type=float, default=20, help="larger uploads are refused (413)")
+    p.add_argument("--max-upload-mb", type=utils.positive_float, default=20, help="larger uploads are refused (413)")
     p.add_argument("--max-image-pixels", type=utils.positive_int, default=dataset.MAX_IMAGE_PIXELS,
                    help="larger images are refused (413), as every script refuses them")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
-    p.add_argument("--read-timeout", type=float, default=30,
+    p.add_argument("--read-timeout", type=utils.positive_float, default=30,
                    help="seconds an upload may send nothing before it is dropped (408)")
     return p
 

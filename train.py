@@ -67,13 +67,13 @@ def get_args_parser():
     g.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
-    g.add_argument("--copy-paste-p", type=float, default=0.5,
+    g.add_argument("--copy-paste-p", type=utils.probability, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
     g.add_argument("--copy-paste-max", type=utils.positive_int, default=3, help="most objects pasted into one image")
     g.add_argument("--pseudo", default=None, help="pseudo-label folder written by pseudo_label.py, mixed into training")
-    g.add_argument("--pseudo-ratio", type=float, default=0.5,
+    g.add_argument("--pseudo-ratio", type=utils.non_negative_float, default=0.5,
                    help="pseudo-labelled images drawn per epoch, as a fraction of the labelled images")
     g.add_argument("--sampler", choices=SAMPLERS, default="uniform",
                    help="uniform: each training image once per epoch; repeat-factor: LVIS repeat-factor sampling, "
@@ -96,15 +96,15 @@ def get_args_parser():
                         "(refused with --strict)")
     g.add_argument("--unlabeled-ratio", type=utils.positive_int, default=1,
                    help="unlabelled images per labelled image in each step")
-    g.add_argument("--confidence", type=float, default=0.95,
+    g.add_argument("--confidence", type=utils.probability, default=0.95,
                    help="the teacher's pseudo-label of a pixel is learned when its probability is at least this")
-    g.add_argument("--unsup-weight", type=float, default=1.0, help="weight of the unlabelled loss")
-    g.add_argument("--unsup-rampup", type=float, default=1.0,
+    g.add_argument("--unsup-weight", type=utils.non_negative_float, default=1.0, help="weight of the unlabelled loss")
+    g.add_argument("--unsup-rampup", type=utils.non_negative_float, default=1.0,
                    help="epochs over which the unlabelled loss weight rises to --unsup-weight")
     g.add_argument("--ema", action="store_true",
                    help="keep an EMA of the weights (always on with --unlabeled, where it is the teacher); it is "
                         "validated beside the model and best.pt holds whichever scores higher")
-    g.add_argument("--ema-decay", type=float, default=0.999, help="the EMA's decay per optimizer step, once warmed up")
+    g.add_argument("--ema-decay", type=utils.number_in(0, 1, high_open=True), default=0.999, help="the EMA's decay per optimizer step, once warmed up")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=models.list_models(), default="unetpp", help="architecture (docs/models.md)")
     g.add_argument("--encoder", default="effb0",
@@ -113,7 +113,7 @@ def get_args_parser():
     g.add_argument("--weights", default=None, help="local encoder weights file (.pth state dict or .safetensors)")
     g.add_argument("--decoder-channels", type=utils.positive_int, nargs="+", default=None,
                    help="decoder width: one number (deeplabv3p, upernet, segformer) or five (unetpp, unet)")
-    g.add_argument("--aux-weight", type=float, default=None,
+    g.add_argument("--aux-weight", type=utils.non_negative_float, default=None,
                    help="loss weight of the auxiliary outputs: upernet's FCN head (default 0.4, 0 removes it), "
                         "unetpp's --deep-supervision heads (default 1)")
     g.add_argument("--deep-supervision", action="store_true",
@@ -134,21 +134,21 @@ def get_args_parser():
                    help="radam (decoupled weight decay), adamw or sgd (Nesterov, momentum 0.9)")
     g.add_argument("--lr", type=utils.positive_float, default=2e-3,
                    help="peak learning rate (the default suits random init; lower it, e.g. 5e-4, with pretrained weights)")
-    g.add_argument("--weight-decay", type=float, default=1e-4,
+    g.add_argument("--weight-decay", type=utils.non_negative_float, default=1e-4,
                    help="weight decay of the weights (biases and norm scales are not decayed)")
     g.add_argument("--scheduler", choices=schedulers.SCHEDULER_NAMES, default="cosine",
                    help="learning rate per step after the warmup: cosine (with restarts: --cycle-epochs), poly "
                         "or constant")
-    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup length in epochs")
-    g.add_argument("--cycle-epochs", type=float, default=None,
+    g.add_argument("--warmup-epochs", type=utils.non_negative_float, default=1.0, help="linear warmup length in epochs")
+    g.add_argument("--cycle-epochs", type=utils.positive_float, default=None,
                    help="cosine restart period in epochs (default: one cycle over the whole run)")
-    g.add_argument("--cycle-mult", type=float, default=1.0, help="each cosine cycle is this many times longer")
-    g.add_argument("--cycle-decay", type=float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
+    g.add_argument("--cycle-mult", type=utils.number_in(1), default=1.0, help="each cosine cycle is this many times longer")
+    g.add_argument("--cycle-decay", type=utils.positive_float, default=1.0, help="each cosine cycle's peak lr is multiplied by this")
     g.add_argument("--epochs", type=utils.positive_int, default=30, help="training epochs (passes over the data)")
     g.add_argument("--batch-size", type=utils.positive_int, default=8, help="images per step and process")
     g.add_argument("--accum-steps", type=utils.positive_int, default=1,
                    help="gradient accumulation steps per optimizer step")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--clip-grad", type=utils.positive_float, default=None, help="clip the gradient norm to this value")
     g = p.add_argument_group("speed")
     utils.add_device_args(g, amp_help="mixed precision (fp16 uses a gradient scaler; bf16 also works on CPU)")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
@@ -393,11 +393,16 @@ class NonFiniteTraining(RuntimeError):
     """The loss or the weights became NaN/inf: training cannot go on from here."""
 
 
+def describe_position(epoch, step_in_epoch):
+    """A checkpoint's position (epochs done, or epoch index and steps done in it) as the console counts: from 1."""
+    return f"epoch {epoch + 1}, step {step_in_epoch}" if step_in_epoch else f"the end of epoch {epoch}"
+
+
 def check_finite_weights(model, epoch, step_in_epoch):
     """Called before every checkpoint write, so that last.pt always holds usable weights."""
     tensors = [t for t in unwrap(model).state_dict().values() if t.is_floating_point()]
     if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
-        raise NonFiniteTraining(f"the weights hold NaN/inf at epoch {epoch}, step {step_in_epoch}")
+        raise NonFiniteTraining(f"the weights hold NaN/inf at {describe_position(epoch, step_in_epoch)}")
 
 
 def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, rank, on_step, unlabeled=None):
@@ -417,7 +422,7 @@ def train_one_epoch(state, loader, epoch, start_step, batches_per_epoch, args, r
             loss = consistency_loss(state, images, masks, weak, args)
         if not finite_everywhere(loss):
             where = " (here or on another process)" if dist.is_initialized() else ""
-            raise NonFiniteTraining(f"loss is {loss.item()}{where} at epoch {epoch}, step {step}")
+            raise NonFiniteTraining(f"loss is {loss.item()}{where} at {describe_position(epoch, step + 1)}")
         state["scaler"].scale(loss / args.accum_steps).backward()
         if (step + 1) % args.accum_steps == 0 or step + 1 == batches_per_epoch:
             optimizer_step(state, args)
@@ -912,7 +917,7 @@ def run_training(args, rank, world_size, local_rank):
     if checkpoint is not None:
         start_epoch, start_step = restore(state, checkpoint, class_names, source=resume_path)
         if rank == 0:
-            print(f"resumed from {resume_path} at epoch {start_epoch}, step {start_step}")
+            print(f"resumed from {resume_path} at {describe_position(start_epoch, start_step)}")
             changes = changed_args(checkpoint["args"], args)
             if changes:
                 print("warning: these arguments differ from the interrupted run's, so the resumed run will not "

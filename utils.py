@@ -272,13 +272,12 @@ def save_checkpoint(state, path):
         torch.save(state, f)
 
 
-def load_checkpoint(path, map_location="cpu", required_keys=()):
+def load_checkpoint(path, map_location="cpu", required_keys=(), fix="pass a best.pt or last.pt that train.py wrote"):
     """Load a checkpoint of plain data only: arbitrary pickled objects are refused.
 
     A missing, empty, cut-short or foreign file, one holding other objects, and one without
-    `required_keys` (a state dict some other program wrote) are UserErrors naming the file.
+    `required_keys` (a state dict some other program wrote) are UserErrors naming the file and `fix`.
     """
-    fix = "pass a best.pt or last.pt that train.py wrote"
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist: {fix}")
     if os.path.getsize(path) == 0:
@@ -312,7 +311,9 @@ def _refusal_reason(err):
     """What torch's weights_only unpickler refused, without its advice to load the file unsafely; None when
     the error is not such a refusal (a file that is no pickle at all)."""
     _, marker, reason = str(err).partition("WeightsUnpickler error:")
-    return reason.strip().split("\n")[0].split(". Please use")[0] if marker else None
+    if not marker or "Unsupported operand" in reason:  # an opcode no pickle holds: not a pickle at all
+        return None
+    return reason.strip().split("\n")[0].split(". Please use")[0]
 
 
 RUN_LOCK = "run.lock"  # in a run folder while a process writes it: {"host": ..., "pid": ...}
@@ -584,12 +585,26 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
-    """argparse type: a finite number above 0."""
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
-    return value
+def number_in(low, high=math.inf, low_open=False, high_open=False):
+    """argparse type: a finite number in [low, high] ('(' / ')' where low_open / high_open)."""
+    if high == math.inf:
+        bounds = f"above {low}" if low_open else f"{low} or more"
+    else:
+        bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+    def number(text):
+        value = float(text)
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"must be a number {bounds}, got {text}")
+        return value
+    return number
+
+
+positive_float = number_in(0, low_open=True)
+non_negative_float = number_in(0)
+probability = number_in(0, 1)
 
 
 def available_device(text):

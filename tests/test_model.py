@@ -294,7 +294,7 @@ def test_checkpoint_with_state_dict_key(tmp_path):
 
 
 def test_missing_weights_file_names_the_option(tmp_path):
-    with pytest.raises(FileNotFoundError, match="`weights`"):
+    with pytest.raises(utils.UserError, match="--weights"):
         build("unetpp", "test_resnet", weights=str(tmp_path / "missing.pth"))
 
 

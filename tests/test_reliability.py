@@ -49,9 +49,9 @@ class PoisonedLoss(torch.nn.Module):
 
 
 @pytest.mark.parametrize("poison, at, reason, kept_position", [
-    ("nan loss", 3, "loss is nan at epoch 0, step 2", (0, 2)),
-    ("inf loss", 1, "loss is inf at epoch 0, step 0", None),
-    ("nan gradient", 3, "the weights hold NaN/inf at epoch 0, step 3", (0, 2)),
+    ("nan loss", 3, "loss is nan at epoch 1, step 3", (0, 2)),
+    ("inf loss", 1, "loss is inf at epoch 1, step 1", None),
+    ("nan gradient", 3, "the weights hold NaN/inf at epoch 1, step 3", (0, 2)),
 ])
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_demo, run_train, tmp_path, monkeypatch,
                                                                       poison, at, reason, kept_position):

@@ -177,7 +177,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(demo_root, ea
     # last.pt within an epoch says (epoch, step > 0); at its end (epoch + 1, 0)
     assert killed_at[0] == KILL_AFTER[0] and killed_at[1] >= KILL_AFTER[1], f"killed at {killed_at}, not mid-epoch"
     log = Run(output, args + ["--resume"]).wait()
-    assert f"resumed from {output / 'last.pt'} at epoch {killed_at[0]}, step {killed_at[1]}" in log
+    assert f"resumed from {output / 'last.pt'} at epoch {killed_at[0] + 1}, step {killed_at[1]}" in log  # from 1
     reference_log = reference.wait()
     assert_same_run_files(reference.output, output)
     assert last_validation(log) == last_validation(reference_log)

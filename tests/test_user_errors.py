@@ -13,6 +13,7 @@ from PIL import Image
 
 import dataset as data
 import ensemble as ensembles
+import model as models
 import utils
 
 CPU = ["--workers", "0", "--device", "cpu"]
@@ -36,6 +37,10 @@ class Case:
         for k, (fold, n_folds) in enumerate(folds):
             self._constant(self.tmp / f"fold{k}.pt", 0, fold=fold, n_folds=n_folds, fold_seed=0)
         return str(self.tmp / "fold*.pt")
+
+    def text_file(self, name, text):
+        (self.tmp / name).write_text(text)
+        return self.tmp / name
 
     def pseudo(self, manifest):
         """A --pseudo folder holding `manifest` (text, or a dict written as json)."""
@@ -74,6 +79,15 @@ CASES = {
         "train.py", lambda c: c.train("--class-weights", "1,-1,1"),
         "--class-weights: class weights must be finite and >= 0, not [1.0, -1.0, 1.0]: pass one weight per class "
         "(e.g. 0.5,1,2), or --class-weights auto", NO_JSON_READ),
+    "--weights missing": (
+        "train.py", lambda c: c.train("--weights", c.tmp / "missing.pth", "--no-preflight"),
+        "encoder weights {tmp}/missing.pth do not exist: pass --weights a .pth/.pt state dict or a .safetensors "
+        "file of the timm encoder", None),
+    "--weights not a checkpoint": (
+        "train.py", lambda c: c.train("--weights", c.text_file("notes.pth", "not weights"), "--no-preflight"),
+        "checkpoint {tmp}/notes.pth cannot be read: it is cut short or not a torch checkpoint (UnpicklingError: "
+        "Weights only load failed); copy it again, or pass --weights a .pth/.pt state dict or a .safetensors file "
+        "of the timm encoder", None),
     "--ohem-thresh": (
         "train.py", lambda c: c.train("--loss", "ohem", "--ohem-thresh", "1.5", "--no-preflight"),
         "--loss ohem needs --ohem-thresh in (0, 1] and --ohem-min-kept >= 0, not 1.5 and 10000: it trains on "
@@ -157,6 +171,23 @@ def test_user_errors_end_in_one_line_with_the_advice(name, case, script_error, m
         monkeypatch.setattr({"dataset": data, "ensemble": ensembles}[module], attribute, refuse)
     expected = line.format(root=case.root, tmp=case.tmp, run=case.run())
     assert script_error(script, *argv) == f"error: {expected}"
+
+
+def test_pretrained_weights_offline_name_the_way_out(monkeypatch):
+    create = models.timm.create_model
+
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(models.timm, "create_model", offline)
+    with pytest.raises(utils.UserError) as refusal:
+        models.create_model("unet", "resnet18", 3, pretrained=True)
+    assert str(refusal.value) == (
+        "could not download the pretrained weights of encoder 'resnet18' (We couldn't connect to "
+        "'https://huggingface.co'.). Offline? Download model.safetensors from https://huggingface.co/timm/"
+        "resnet18.a1_in1k on a connected machine and pass --weights PATH instead of --pretrained")
 
 
 def test_a_colour_png_in_a_pseudo_label_folder_is_named_with_the_fix(tmp_path):

@@ -291,6 +291,13 @@ def test_checkpoint_round_trip(tmp_path):
     ("--lr", "-0.001", "argument --lr: must be a number above 0, got -0.001"),
     ("--lr", "nan", "argument --lr: must be a number above 0, got nan"),
     ("--workers", "-1", "argument --workers: must be 0 or more, got -1"),
+    ("--warmup-epochs", "-1", "argument --warmup-epochs: must be a number 0 or more, got -1"),
+    ("--cycle-mult", "0.5", "argument --cycle-mult: must be a number 1 or more, got 0.5"),
+    ("--cycle-decay", "0", "argument --cycle-decay: must be a number above 0, got 0"),
+    ("--aux-weight", "-1", "argument --aux-weight: must be a number 0 or more, got -1"),
+    ("--confidence", "1.5", "argument --confidence: must be a number in [0, 1], got 1.5"),
+    ("--ema-decay", "1", "argument --ema-decay: must be a number in [0, 1), got 1"),
+    ("--copy-paste-p", "inf", "argument --copy-paste-p: must be a number in [0, 1], got inf"),
 ])
 def test_train_refuses_bad_numbers_before_any_work(flag, value, message, capsys):
     parser = train.get_args_parser()
