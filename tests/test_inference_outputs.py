@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import dataset as data
 import ensemble as ensembles
@@ -18,32 +16,6 @@ import model as models
 import utils
 
 NUM_CLASSES = 11
-
-
-class LargestFloatTensor(TorchDispatchMode):
-    """While active, records the element count of the largest floating-point tensor any torch operation returns.
-
-    Every aten operation passes through __torch_dispatch__, so an allocation cannot hide in a helper;
-    it sees the calling thread only.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                self.numel = max(self.numel, tensor.numel())
-        return out
-
-
-def largest_float_tensor(function, *args):
-    """(function(*args), the element count of the largest float tensor it made)."""
-    with torch.inference_mode(), LargestFloatTensor() as largest:
-        result = function(*args)
-    return result, largest.numel
 
 
 @pytest.fixture
@@ -226,8 +198,8 @@ def test_labels_made_band_by_band_match_the_full_probability_path(monkeypatch, v
     assert len(expected.unique()) > 1  # not a uniform map that any path would get right
 
 
-def test_a_large_photo_without_tile_never_holds_a_float_map_of_its_size(tiny_run, run_inference, tmp_path,
-                                                                        monkeypatch):
+def test_a_large_photo_without_tile_never_holds_a_float_map_of_its_size(tiny_run, run_inference, largest_float_tensor,
+                                                                        tmp_path, monkeypatch):
     """inference.py --images on a photo without --tile: neither the photo as floats nor its probabilities."""
     monkeypatch.setattr(ensembles, "BAND_PIXELS", 2 ** 13)
     height, width = 1000, 1200
