@@ -120,14 +120,15 @@ def tiny_run(tiny_demo, run_train, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def constant_checkpoint(tiny_run):
-    """constant_checkpoint(path, label, **args): tiny_run's best.pt made to predict `label` at every pixel.
+def constant_copy():
+    """constant_copy(source, path, label, **args): the checkpoint at `source` made to predict `label` at every
+    pixel, saved at `path` (which may be `source`).
 
     The head's weights are zeroed and its bias is one-hot, so the logits are the same everywhere;
     `args` replace entries of the checkpoint's saved training arguments (e.g. fold=1).
     """
-    def write(path, label, **args):
-        checkpoint = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
+    def write(source, path, label, **args):
+        checkpoint = utils.load_checkpoint(source)
         weights = checkpoint["state_dict"]
         weights["head.weight"] = torch.zeros_like(weights["head.weight"])
         num_classes = len(weights["head.bias"])
@@ -135,6 +136,15 @@ def constant_checkpoint(tiny_run):
         checkpoint["args"] = {**checkpoint["args"], **args}
         utils.save_checkpoint(checkpoint, path)
         return path
+    return write
+
+
+@pytest.fixture(scope="session")
+def constant_checkpoint(tiny_run, constant_copy):
+    """constant_checkpoint(path, label, **args): tiny_run's best.pt made to predict `label` at every pixel
+    (see constant_copy)."""
+    def write(path, label, **args):
+        return constant_copy(tiny_run / utils.BEST_CHECKPOINT, path, label, **args)
     return write
 
 

@@ -234,6 +234,7 @@ def overlap_run(demo_root, tmp_path_factory):
     return tmp_path, val_path, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_val_images_in_training_warn_with_counts_and_strict_refuses(demo_root, overlap_run, tmp_path, capsys):
     _, val_path, stdout = overlap_run
     found = (f"validation images of {val_path} also in the training data: 2 of 2 are the same file or identical "
@@ -250,6 +251,7 @@ def test_distinct_train_and_val_give_no_overlap(demo_root):
         "file name": 0, "resolved path": 0, "content": 0, "same file": 0}
 
 
+@pytest.mark.slow
 def test_inference_refuses_a_json_with_other_classes_in_the_same_words(demo_root, overlap_run, tmp_path, capsys):
     run_folder, _, _ = overlap_run
     coco = demo_json(demo_root, "val.json")

@@ -117,6 +117,7 @@ USER_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", USER_ERRORS)
 def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_path, script_error):
     """Each script's own `__main__` line (see conftest.script_error)."""
@@ -151,6 +152,7 @@ def pseudo_label(root, run, out, *extra):
         ["--data-root", root, "--checkpoints", run, "--out", str(out), *CPU, *extra]))
 
 
+@pytest.mark.slow
 def test_low_keep_stops_without_a_manifest_unless_allowed(root, run, tmp_path, capsys):
     out = tmp_path / "pseudo"
     pseudo_label(root, run, out, "--threshold", "0")  # an earlier, useful manifest

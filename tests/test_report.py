@@ -133,6 +133,7 @@ def predict_args(root, *extra):
                                                    *extra])
 
 
+@pytest.mark.slow
 def test_inference_eval_report_equals_the_printed_scores(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--checkpoints", str(fold_runs / "fold0"), "--json", "val.json", "--eval",
                         "--output", str(tmp_path / "val.csv"), "--report", str(tmp_path / "report"),
@@ -145,6 +146,7 @@ def test_inference_eval_report_equals_the_printed_scores(demo_root, fold_runs, t
     assert sum(map(sum, numbers["confusion"])) == 4 * 64 * 64
 
 
+@pytest.mark.slow
 def test_oof_report_covers_every_image_once(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--oof", str(fold_runs / "fold*"), "--report", str(tmp_path / "report"),
                         "--report-worst", "1")
@@ -155,6 +157,7 @@ def test_oof_report_covers_every_image_once(demo_root, fold_runs, tmp_path):
     assert numbers["miou"] == pytest.approx(scores["miou"])
 
 
+@pytest.mark.slow
 def test_report_without_eval_is_a_user_error(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--checkpoints", str(fold_runs / "fold0"), "--output", str(tmp_path / "t.csv"),
                         "--report", str(tmp_path / "report"))

@@ -43,6 +43,7 @@ def fail(*args, **kwargs):
 
 
 # ---------------------------------------------------------------- 2. --overwrite deletes only once the run can start
+@pytest.mark.slow
 def test_an_overwrite_that_cannot_start_leaves_the_old_run_byte_identical(tiny_demo, old_run, run_train, tmp_path,
                                                                           monkeypatch):
     before = snapshot(old_run)
@@ -57,6 +58,7 @@ def test_an_overwrite_that_cannot_start_leaves_the_old_run_byte_identical(tiny_d
 
 
 # ---------------------------------------------------------------- 3. --resume of another folder's checkpoint
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_folder_never_replaces_a_run(tiny_demo, tiny_run, run_train, tmp_path):
     a, b = (shutil.copytree(tiny_run, tmp_path / name) for name in ("a", "b"))
     before = snapshot(a)
@@ -173,6 +175,7 @@ def test_last_pt_is_saved_before_validation(tiny_demo, run_train, tmp_path, monk
 
 
 # ---------------------------------------------------------------- 7. another optimizer; args.json once the run starts
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_refused_and_keeps_args_json(tiny_demo, old_run, run_train, monkeypatch):
     args_json = (old_run / "args.json").read_bytes()
     with pytest.raises(utils.UserError) as refusal:

@@ -41,6 +41,7 @@ def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_trai
 
 
 # ---------------------------------------------------------------- --extra-json
+@pytest.mark.slow
 def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, tmp_path, image_reads):
     extra = tiny_demo_copy / "extra.json"
     extra.write_text((tiny_demo_copy / "val.json").read_text())  # 4 more labelled images
