@@ -54,13 +54,16 @@ def test_a_float_export_says_float32(tiny_run, tiny_demo, tmp_path):
 def test_the_int8_file_predicts_in_inference_and_serve(int8_export, tiny_demo, run_inference, tmp_path):
     output, result = int8_export
     scores = run_inference("--checkpoints", output, "--data-root", tiny_demo, "--json", "val.json", "--eval",
-                           "--output", tmp_path / "sub.csv")
+                           "--output", tmp_path / "sub.csv", "--save-masks", tmp_path / "masks")
     assert scores["miou"] == pytest.approx(result["int8"]["int8_miou"], abs=1e-9)  # the gate scored what inference scores
     coco = data.Coco(tiny_demo / "val.json", tiny_demo)
     rgb = data.read_image(coco.image_path(coco.images[0]))
     segmenter = serve.Segmenter([str(output)])
     mask = segmenter.predict(rgb)
     assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8 and mask.max() < len(segmenter.class_names)
+    # serve.py labels the photo as inference.py labelled it
+    np.testing.assert_array_equal(mask, data.read_label_png(str(tmp_path / "masks" / data.output_name(
+        coco.images[0]["file_name"]))))
 
 
 @pytest.mark.slow

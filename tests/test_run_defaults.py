@@ -60,4 +60,6 @@ def test_photos_need_no_data_root(tmp_path, run_inference, constant_checkpoint, 
     checkpoint = constant_checkpoint(tmp_path / "moved.pt", 1, data_root=str(tmp_path / "gone"))
     run_inference("--checkpoints", checkpoint, "--images", tiny_demo / "batch_04_test", "--output",
                   tmp_path / "photos.csv")
-    assert len(utils.read_submission(tmp_path / "photos.csv", 11)) == 3
+    rows = utils.read_submission(tmp_path / "photos.csv", 11)
+    assert sorted(rows) == sorted(path.name for path in (tiny_demo / "batch_04_test").iterdir())
+    assert all((mask == 1).all() for mask in rows.values())  # the checkpoint's own predictions: label 1 everywhere
