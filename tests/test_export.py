@@ -42,6 +42,7 @@ def export_args(checkpoint, output, root, *extra):
         ["--checkpoint", str(checkpoint), "--output", str(output), "--data-root", str(root), *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,output", [(64, "probabilities"), (72, "labels")])
 @pytest.mark.parametrize("name", models.list_models())
 def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, class_names, write_checkpoint,
@@ -66,6 +67,7 @@ def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, 
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_metadata_describe_the_model(exported, class_names):
     checkpoint, onnx_path = exported
     model = onnx.load(str(onnx_path))
@@ -82,6 +84,7 @@ def test_metadata_describe_the_model(exported, class_names):
     assert described["output"] == "probabilities"
 
 
+@pytest.mark.slow
 def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_names, write_checkpoint, tmp_path,
                                                               monkeypatch):
     checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names)
@@ -111,6 +114,7 @@ def predict_csv(root, checkpoints, output, *extra):
     return utils.read_submission(output, 11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("members,extra", [("onnx", []), ("onnx", ["--tta"]), ("both", [])],
                          ids=["onnx", "onnx-tta", "ensemble-pt-onnx"])
 def test_onnx_submission_equals_pytorch(exported, demo_root, tmp_path, members, extra):
@@ -124,6 +128,7 @@ def test_onnx_submission_equals_pytorch(exported, demo_root, tmp_path, members, 
     assert differing < 0.001
 
 
+@pytest.mark.slow
 def test_onnx_member_resizes_like_the_checkpoint(exported):
     """Images of another size: the same probabilities up to the uint8 rounding of the resized input."""
     checkpoint, onnx_path = exported
@@ -136,6 +141,7 @@ def test_onnx_member_resizes_like_the_checkpoint(exported):
     assert (got - expected).abs().max() < 0.02
 
 
+@pytest.mark.slow
 def test_scale_tta_on_a_fixed_size_onnx_is_a_clear_error(exported):
     _, onnx_path = exported
     args = inference.get_args_parser().parse_args(["--tta", "--tta-scales", "0.5", "1.0"])

@@ -57,6 +57,7 @@ def read_bytes(path):
 
 
 # ---------------------------------------------------------------- 1. run folders
+@pytest.mark.slow
 def test_a_second_run_in_a_trained_folder_stops_and_keeps_best_pt(root, tmp_path):
     output = tmp_path / "run"
     train.main(train_args(root, output))
@@ -126,6 +127,7 @@ def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_
     assert words in script_error(script, *argv, *([] if script in ("dataset.py", "copy_paste.py") else CPU))
 
 
+@pytest.mark.slow
 def test_no_checkpoint_in_a_fresh_interpreter_prints_no_traceback(root, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "inference.py"), "--data-root", root,
                              "--checkpoints", str(tmp_path / "runs" / "*" / utils.BEST_CHECKPOINT), *CPU],

@@ -67,6 +67,7 @@ def half_and_half(value):
     return mask
 
 
+@pytest.mark.slow
 def test_worst_images_are_the_lowest_miou_in_order(demo_root, tmp_path):
     val = data.SegmentationDataset(str(demo_root), "val.json", "val", cache_dir=str(tmp_path / "cache"))
     target = half_and_half(0)

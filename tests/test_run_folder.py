@@ -105,6 +105,7 @@ def test_a_run_folder_in_use_is_refused(tiny_demo, run_train, tmp_path):
     assert json.loads(lock.read_text()) == {"host": "otherhost", "pid": 1}
 
 
+@pytest.mark.slow
 def test_a_dead_processs_lock_is_taken_over_and_a_run_removes_its_own(tiny_demo, run_train, tmp_path, monkeypatch,
                                                                       capsys):
     output, lock = tmp_path / "run", tmp_path / "run" / utils.RUN_LOCK
@@ -167,6 +168,7 @@ def test_a_missing_extra_json_image_stops_the_run_before_training(tiny_demo_copy
                                          f"{root / 'batch_03/missing.jpg'} does not exist")
 
 
+@pytest.mark.slow
 def test_last_pt_is_saved_before_validation(tiny_demo, run_train, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", fail)
     with pytest.raises(RuntimeError, match="failed on purpose"):

@@ -264,6 +264,7 @@ def test_a_request_while_another_runs_gets_503_and_both_servers_stay_up(segmente
         running.close()
 
 
+@pytest.mark.slow
 def test_the_page_shows_the_mask_and_legend_in_chromium(chromium, checkpoint, photo, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

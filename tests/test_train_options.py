@@ -85,6 +85,7 @@ def test_auto_class_weights_come_from_the_training_pixels(tiny_demo, run_train, 
 
 
 # ---------------------------------------------------------------- --accum-steps
+@pytest.mark.slow
 def test_accumulation_takes_one_optimizer_step_per_accum_batches(tiny_demo, run_train, tmp_path):
     run_train(tiny_demo, "--epochs", 1, "--accum-steps", 3, "--output", tmp_path / "run")
     assert global_step(tmp_path / "run") == 2  # ceil(4 batches / 3): the last, short group steps too

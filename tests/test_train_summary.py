@@ -19,6 +19,7 @@ def parameters_in_millions(*args):
     return f"{sum(p.numel() for p in models.create_model(*args).parameters()) / 1e6:.2f} M parameters"
 
 
+@pytest.mark.slow
 def test_summary_comes_before_the_preflight_and_epochs_count_from_1(tiny_demo, run_train, tmp_path, capsys):
     output = tmp_path / "run"
     run_train(tiny_demo, "--epochs", 2, "--output", output)
