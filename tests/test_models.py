@@ -466,7 +466,7 @@ def test_default_decoder_widths_match_reference(name, ref_class):
     """The default widths are smp's (UperNet's 512 is MMSegmentation's, smp uses 256)."""
     smp = pytest.importorskip("segmentation_models_pytorch")
     key = next(iter(smp_width(name)))
-    ours = inspect.signature(model._MODEL_BUILDERS[name]).parameters["decoder_channels"].default
+    ours = inspect.signature(getattr(model, name)).parameters["decoder_channels"].default
     assert ours == inspect.signature(getattr(smp, ref_class)).parameters[key].default
 
 
@@ -615,7 +615,7 @@ def test_hard_vote_with_known_member_outputs():
 def checkpoint(name, encoder, size, seed, **kwargs):
     net = build(name, encoder, num_classes=4, seed=seed, **kwargs)
     net.train()(images(seed=seed))  # BatchNorm statistics away from their initial values
-    return {"model": name, "encoder": encoder, "model_kwargs": {**NARROW[name], **kwargs},
+    return {"model": name, "encoder": encoder, "model_kwargs": {**NARROW.get(name, {}), **kwargs},
             "num_classes": 4, "class_names": ["Background", "a", "b", "c"], "image_size": size,
             "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": net.state_dict()}
 
