@@ -234,6 +234,7 @@ def overlap_run(demo_root, tmp_path_factory):
     return tmp_path, val_path, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_val_images_in_training_warn_with_counts_and_strict_refuses(demo_root, overlap_run, tmp_path, capsys):
     _, val_path, stdout = overlap_run
     found = (f"validation images of {val_path} also in the training data: 2 of 2 are the same file or identical "
@@ -250,6 +251,7 @@ def test_distinct_train_and_val_give_no_overlap(demo_root):
         "file name": 0, "resolved path": 0, "content": 0, "same file": 0}
 
 
+@pytest.mark.slow
 def test_inference_refuses_a_json_with_other_classes_in_the_same_words(demo_root, overlap_run, tmp_path, capsys):
     run_folder, _, _ = overlap_run
     coco = demo_json(demo_root, "val.json")
@@ -330,6 +332,35 @@ def test_width_and_height_must_be_positive_integers(demo_root, tmp_path, capsys,
     assert message == f"error: {path}: image {image['id']}: height must be a positive integer, not {value!r}{hint}"
 
 
+# ---------------------------------------------------------------- empty and unlabelled jsons
+def test_empty_train_set(demo_root, tmp_path, capsys):
+    path = write_json(tmp_path / "empty.json", {"images": [], "annotations": [], "categories": [{"id": 1, "name": "paper"}]})
+    assert train_refusal(capsys, demo_root, tmp_path, "--train-json", path) == f"error: {path} lists no images"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_empty_test_set(tiny_demo_copy, tiny_run, tmp_path, capsys):
+    path = write_json(tiny_demo_copy / "test.json", {"images": [], "annotations": [],
+                                                     "categories": [{"id": 1, "name": "paper"}]})
+    argv = ["--checkpoints", str(tiny_run), "--data-root", str(tiny_demo_copy), "--output", str(tmp_path / "out.csv"),
+            "--workers", "0", "--device", "cpu"]
+    assert refusal(capsys, inference.main, inference.get_args_parser(), argv) == f"error: {path} lists no images"
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.slow
+def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(tiny_demo, tiny_run, run_inference, tmp_path,
+                                                                      capsys):
+    val = demo_json(tiny_demo, "val.json")
+    csv = tmp_path / "submission.csv"
+    run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo, "--json", "val.json", "--output", csv)
+    note = f"annotations ignored ({len(val['annotations'])}): this json is read as unlabelled: 1"
+    assert f"{tiny_demo / 'val.json'}: {note}" in capsys.readouterr().out
+    file_names = [image["file_name"] for image in val["images"]]
+    assert list(utils.read_submission(csv, 11, expected_ids=file_names)) == file_names
+
+
 # ---------------------------------------------------------------- shapes
 def test_bbox_only_annotation_is_painted_as_its_box_with_a_note(tmp_path):
     coco = small_coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [4, 6, 10, 8]}])
@@ -373,3 +404,20 @@ def test_rle_counts_that_do_not_cover_the_image_are_refused(tmp_path):
     with pytest.raises(utils.UserError, match=re.escape("annotation 4: RLE counts must be a string or run lengths "
                                                         f"(non-negative integers) that add up to height x width = {H * W}")):
         small_coco(tmp_path, [polygon_annotation(4, rle, iscrowd=1)])
+
+
+def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
+    rle = {"size": [40, 40], "counts": [100, 20, 1480]}
+    message = f"{tmp_path / 'small.json'}: annotation 7 has an RLE of size [40, 40] (HxW), but image 1 is [{H}, {W}]"
+    with pytest.raises(utils.UserError, match=re.escape(message)):
+        small_coco(tmp_path, [polygon_annotation(7, rle)])
+
+
+def test_polygons_and_bboxes_outside_the_image_are_clipped_and_counted(tmp_path):
+    coco = small_coco(tmp_path, [polygon_annotation(1, [box(-8, -8, 8, 8)], bbox=[-8, -8, 16, 16]),
+                                 polygon_annotation(2, [box(24, 28, 40, 36)], bbox=[24, 28, 16, 8]),
+                                 polygon_annotation(3, [box(50, 50, 60, 60)], bbox=[50, 50, 10, 10])])
+    assert coco.notes == {"polygons clipped to the image border": 3}
+    expected = box_mask(0, 0, 8, 8)
+    expected[28:, 24:] = 1  # the polygon wholly outside paints nothing
+    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), expected)

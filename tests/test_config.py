@@ -161,6 +161,7 @@ def test_other_scripts_read_config_too(tmp_path):
 
 
 # ---------------------------------------------------------------- replay of a run's args.json
+@pytest.mark.slow
 def test_args_json_replays_the_run(tiny_demo, tiny_run, tiny_train_argv, tmp_path):
     replay = tmp_path / "replay"
     utils.run_main(train.main, train.get_args_parser(),

@@ -59,6 +59,7 @@ def test_tta_changes_the_probabilities(trained):
     assert not torch.allclose(*probabilities)  # a random net is not flip-symmetric: TTA really ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [[], ["--tta"]], ids=["plain", "tta"])
 def test_eval_of_a_model_that_predicts_background_everywhere(tiny_demo, constant_checkpoint, tmp_path, tta):
     checkpoint = constant_checkpoint(tmp_path / "background.pt", label=0)

@@ -16,17 +16,6 @@ import utils
 ENCODER = "test_resnet"
 
 
-def write_checkpoint(path, class_names, name="deeplabv3p", encoder=ENCODER, size=64, seed=0):
-    """A randomly initialised model saved as train.py saves it (its model description and weights)."""
-    torch.manual_seed(seed)
-    net = models.create_model(name, encoder, len(class_names))
-    utils.save_checkpoint({"model": name, "encoder": encoder, "model_kwargs": {}, "num_classes": len(class_names),
-                           "class_names": list(class_names), "image_size": size,
-                           "mean": list(utils.IMAGENET_MEAN), "std": list(utils.IMAGENET_STD),
-                           "args": {"paint_order": "area"}, "state_dict": net.state_dict()}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def demo_root(demo_set):
     """A tiny demo set whose images are 64x64, the checkpoints' training size."""
@@ -39,7 +28,7 @@ def class_names(demo_root):
 
 
 @pytest.fixture(scope="module")
-def exported(demo_root, class_names, tmp_path_factory):
+def exported(demo_root, class_names, write_checkpoint, tmp_path_factory):
     """(checkpoint, its ONNX export at the training size)."""
     folder = tmp_path_factory.mktemp("exported")
     checkpoint = write_checkpoint(folder / utils.BEST_CHECKPOINT, class_names)
@@ -53,9 +42,11 @@ def export_args(checkpoint, output, root, *extra):
         ["--checkpoint", str(checkpoint), "--output", str(output), "--data-root", str(root), *extra])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size,output", [(64, "probabilities"), (72, "labels")])
 @pytest.mark.parametrize("name", models.list_models())
-def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, class_names, tmp_path):
+def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, class_names, write_checkpoint,
+                                                 tmp_path):
     checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names, name)
     labels = output == "labels"
     result = export.main(export_args(checkpoint, tmp_path / "m.onnx", demo_root, "--size", str(size),
@@ -76,6 +67,7 @@ def test_every_model_exports_and_matches_pytorch(name, size, output, demo_root, 
         np.testing.assert_allclose(got, expected.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_metadata_describe_the_model(exported, class_names):
     checkpoint, onnx_path = exported
     model = onnx.load(str(onnx_path))
@@ -92,7 +84,9 @@ def test_metadata_describe_the_model(exported, class_names):
     assert described["output"] == "probabilities"
 
 
-def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_names, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_a_wrong_export_is_refused_and_the_existing_file_kept(demo_root, class_names, write_checkpoint, tmp_path,
+                                                              monkeypatch):
     checkpoint = write_checkpoint(tmp_path / utils.BEST_CHECKPOINT, class_names)
     output = tmp_path / "model.onnx"
     output.write_bytes(b"the previous export")
@@ -120,6 +114,7 @@ def predict_csv(root, checkpoints, output, *extra):
     return utils.read_submission(output, 11)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("members,extra", [("onnx", []), ("onnx", ["--tta"]), ("both", [])],
                          ids=["onnx", "onnx-tta", "ensemble-pt-onnx"])
 def test_onnx_submission_equals_pytorch(exported, demo_root, tmp_path, members, extra):
@@ -133,6 +128,7 @@ def test_onnx_submission_equals_pytorch(exported, demo_root, tmp_path, members, 
     assert differing < 0.001
 
 
+@pytest.mark.slow
 def test_onnx_member_resizes_like_the_checkpoint(exported):
     """Images of another size: the same probabilities up to the uint8 rounding of the resized input."""
     checkpoint, onnx_path = exported
@@ -145,6 +141,7 @@ def test_onnx_member_resizes_like_the_checkpoint(exported):
     assert (got - expected).abs().max() < 0.02
 
 
+@pytest.mark.slow
 def test_scale_tta_on_a_fixed_size_onnx_is_a_clear_error(exported):
     _, onnx_path = exported
     args = inference.get_args_parser().parse_args(["--tta", "--tta-scales", "0.5", "1.0"])

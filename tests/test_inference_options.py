@@ -32,6 +32,7 @@ def saved_masks(folder, dataset):
     return [np.asarray(Image.open(folder / png_name(info))) for info in dataset.images]
 
 
+@pytest.mark.slow
 def test_saved_masks_are_the_csv_masks_before_resizing(predicted, val_set):
     _, out = predicted
     csv = utils.read_submission(out / "val.csv", len(val_set.class_names))
@@ -44,6 +45,7 @@ def test_saved_masks_are_the_csv_masks_before_resizing(predicted, val_set):
     assert len(predicted_classes) > 1  # not a uniform map that any writer would get right
 
 
+@pytest.mark.slow
 def test_eval_scores_are_the_iou_of_the_saved_masks(predicted, val_set):
     scores, out = predicted
     truth = np.stack([val_set.label_mask(i) for i in range(len(val_set))])
@@ -58,6 +60,7 @@ def test_eval_scores_are_the_iou_of_the_saved_masks(predicted, val_set):
     assert scores["miou"] == pytest.approx(np.nanmean(iou))
 
 
+@pytest.mark.slow
 def test_vis_panel_is_the_image_beside_its_overlay_under_a_title_and_above_a_legend(predicted, val_set, tiny_run):
     _, out = predicted
     names = val_set.class_names
@@ -85,6 +88,7 @@ def test_the_legend_shows_every_class_but_background_in_its_colour():
     assert len(utils.legend_strip(names, 60)) > len(legend)  # too narrow for one row: the names wrap
 
 
+@pytest.mark.slow
 def test_oof_scores_each_fold_on_its_own_val_images(tiny_demo, constant_checkpoint, run_inference, tmp_path):
     n_folds = 3
     for fold in range(n_folds):  # fold k's run predicts class k everywhere: each column counts one fold's pixels

@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import dataset as data
 import ensemble as ensembles
@@ -18,32 +16,6 @@ import model as models
 import utils
 
 NUM_CLASSES = 11
-
-
-class LargestFloatTensor(TorchDispatchMode):
-    """While active, records the element count of the largest floating-point tensor any torch operation returns.
-
-    Every aten operation passes through __torch_dispatch__, so an allocation cannot hide in a helper;
-    it sees the calling thread only.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                self.numel = max(self.numel, tensor.numel())
-        return out
-
-
-def largest_float_tensor(function, *args):
-    """(function(*args), the element count of the largest float tensor it made)."""
-    with torch.inference_mode(), LargestFloatTensor() as largest:
-        result = function(*args)
-    return result, largest.numel
 
 
 @pytest.fixture
@@ -63,6 +35,7 @@ def edit_test_json(root, change):
 
 
 # ---------------------------------------------------------------- refused before predicting
+@pytest.mark.slow
 def test_a_file_name_under_two_image_ids_is_refused_before_predicting(tiny_demo_copy, tiny_run, run_inference,
                                                                       no_prediction, tmp_path):
     def duplicate(images):
@@ -76,6 +49,7 @@ def test_a_file_name_under_two_image_ids_is_refused_before_predicting(tiny_demo_
         f"{images[2]['id']}: the submission has one row per file name; remove or rename one of them")
 
 
+@pytest.mark.slow
 def test_json_images_that_would_write_one_mask_are_refused_before_predicting(tiny_demo_copy, tiny_run, run_inference,
                                                                             no_prediction, tmp_path):
     def same_stem(images):
@@ -88,6 +62,7 @@ def test_json_images_that_would_write_one_mask_are_refused_before_predicting(tin
                               f"{images[1]['file_name']}: rename one of them")
 
 
+@pytest.mark.slow
 def test_an_output_that_is_a_folder_is_refused_before_predicting(tiny_demo, tiny_run, run_inference, no_prediction,
                                                                  tmp_path):
     with pytest.raises(utils.UserError) as err:
@@ -96,6 +71,7 @@ def test_an_output_that_is_a_folder_is_refused_before_predicting(tiny_demo, tiny
                               f"{tmp_path / 'submission.csv'}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--save-masks", "--save-vis"])
 def test_an_output_folder_that_is_a_file_is_refused_before_predicting(tiny_demo, tiny_run, run_inference,
                                                                       no_prediction, tmp_path, flag):
@@ -136,6 +112,7 @@ def test_an_unquoted_comma_in_an_image_id_is_named(tmp_path):
         utils.read_submission(path, NUM_CLASSES, size=2)
 
 
+@pytest.mark.slow
 def test_a_json_file_name_with_a_comma_gets_its_row(tiny_demo_copy, tiny_run, run_inference, tmp_path):
     def rename(images):
         old = images[0]["file_name"]
@@ -156,6 +133,7 @@ def photos(tiny_demo):
     return tiny_demo / "batch_04_test"
 
 
+@pytest.mark.slow
 def test_images_write_no_csv_unless_asked_and_say_where_everything_went(tiny_run, run_inference, photos, tmp_path,
                                                                         monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -171,6 +149,7 @@ def test_images_write_no_csv_unless_asked_and_say_where_everything_went(tiny_run
     assert sorted(utils.read_submission(tmp_path / "photos.csv", NUM_CLASSES)) == ["0013.jpg", "0014.jpg", "0015.jpg"]
 
 
+@pytest.mark.slow
 def test_images_with_nothing_to_write_are_refused_and_a_json_still_writes_submission_csv(
         tiny_demo, tiny_run, run_inference, photos, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -226,8 +205,9 @@ def test_labels_made_band_by_band_match_the_full_probability_path(monkeypatch, v
     assert len(expected.unique()) > 1  # not a uniform map that any path would get right
 
 
-def test_a_large_photo_without_tile_never_holds_a_float_map_of_its_size(tiny_run, run_inference, tmp_path,
-                                                                        monkeypatch):
+@pytest.mark.slow
+def test_a_large_photo_without_tile_never_holds_a_float_map_of_its_size(tiny_run, run_inference, largest_float_tensor,
+                                                                        tmp_path, monkeypatch):
     """inference.py --images on a photo without --tile: neither the photo as floats nor its probabilities."""
     monkeypatch.setattr(ensembles, "BAND_PIXELS", 2 ** 13)
     height, width = 1000, 1200

@@ -29,6 +29,7 @@ def int8_export(tiny_run, tiny_demo, tmp_path_factory):
     return output, result
 
 
+@pytest.mark.slow
 def test_int8_export_records_precision_and_the_gate(int8_export, tiny_run):
     output, result = int8_export
     check = result["int8"]
@@ -43,23 +44,29 @@ def test_int8_export_records_precision_and_the_gate(int8_export, tiny_run):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops
 
 
+@pytest.mark.slow
 def test_a_float_export_says_float32(tiny_run, tiny_demo, tmp_path):
     export.main(export_args(tiny_run, tmp_path / "m.onnx", tiny_demo))
     assert ensembles.open_onnx(str(tmp_path / "m.onnx"))["precision"] == "float32"
 
 
+@pytest.mark.slow
 def test_the_int8_file_predicts_in_inference_and_serve(int8_export, tiny_demo, run_inference, tmp_path):
     output, result = int8_export
     scores = run_inference("--checkpoints", output, "--data-root", tiny_demo, "--json", "val.json", "--eval",
-                           "--output", tmp_path / "sub.csv")
+                           "--output", tmp_path / "sub.csv", "--save-masks", tmp_path / "masks")
     assert scores["miou"] == pytest.approx(result["int8"]["int8_miou"], abs=1e-9)  # the gate scored what inference scores
     coco = data.Coco(tiny_demo / "val.json", tiny_demo)
     rgb = data.read_image(coco.image_path(coco.images[0]))
     segmenter = serve.Segmenter([str(output)])
     mask = segmenter.predict(rgb)
     assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8 and mask.max() < len(segmenter.class_names)
+    # serve.py labels the photo as inference.py labelled it
+    np.testing.assert_array_equal(mask, data.read_label_png(str(tmp_path / "masks" / data.output_name(
+        coco.images[0]["file_name"]))))
 
 
+@pytest.mark.slow
 def test_the_gate_refuses_a_larger_drop_and_keeps_the_file(tiny_run, tiny_demo, tmp_path):
     output = tmp_path / "model.int8.onnx"
     output.write_bytes(b"the previous export")
@@ -72,6 +79,7 @@ def test_the_gate_refuses_a_larger_drop_and_keeps_the_file(tiny_run, tiny_demo, 
     assert [p.name for p in tmp_path.iterdir()] == ["model.int8.onnx"]
 
 
+@pytest.mark.slow
 def test_without_labels_the_agreement_on_the_calibration_photos_is_recorded(tiny_run, tiny_demo, tmp_path, capsys):
     output = tmp_path / "model.int8.onnx"
     result = export.main(export_args(tiny_run, output, tiny_demo, "--int8", "--calibration",
@@ -118,6 +126,7 @@ def test_calibration_inputs_are_what_the_onnx_member_feeds(tiny_demo, tmp_path):
     np.testing.assert_array_equal(export.model_inputs([str(photo)], 64), session.fed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", ["empty folder", "not an image", "missing"])
 def test_calibration_without_readable_photos_is_refused_before_any_work(make, tiny_run, tiny_demo, tmp_path,
                                                                         monkeypatch):
@@ -132,6 +141,7 @@ def test_calibration_without_readable_photos_is_refused_before_any_work(make, ti
         export.main(export_args(tiny_run, tmp_path / "m.onnx", tiny_demo, "--int8", "--calibration", folder))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--int8"], r"--int8 needs --calibration PATH"),
     (["--calibration", "photos"], r"--calibration only apply to an int8 export: add --int8"),

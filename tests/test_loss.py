@@ -104,9 +104,16 @@ def test_focal_scales_each_pixels_ce_by_one_minus_p_to_the_gamma(gamma):
 
 
 def test_focal_gradient_finite_for_fractional_gamma_on_saturated_pixel():
-    logits = torch.tensor([[[[100.0]], [[0.0]]]], requires_grad=True)  # p_label rounds to exactly 1
-    FocalLoss(gamma=0.5)(logits, torch.tensor([[[0]]])).backward()
-    assert torch.isfinite(logits.grad).all()
+    """Pixel 0's p_label rounds to exactly 1, where d (1 - p)^0.5 / dp is infinite; its gradient is the formula's all
+    the same (about 0: written with 1 - p_label as the other class's probability, 4e-44, it has no rounding), and
+    pixel 1's is the formula's."""
+    logits = torch.tensor([[[[100.0, 1.0]], [[0.0, 0.0]]]], requires_grad=True)
+    target = torch.tensor([[[0, 0]]])
+    FocalLoss(gamma=0.5)(logits, target).backward()
+    reference = logits.detach().double().requires_grad_()
+    (-reference.softmax(1)[:, 1].pow(0.5) * reference.log_softmax(1)[:, 0]).mean().backward()
+    assert torch.isfinite(logits.grad).all() and reference.grad.abs().max() > 0.05
+    torch.testing.assert_close(logits.grad, reference.grad.float(), rtol=1e-5, atol=1e-7)
 
 
 def test_focal_rejects_negative_gamma():

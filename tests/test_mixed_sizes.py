@@ -6,11 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import dataset as data
 import demo
 import inference
+import model as models
 import pseudo_label
 import train
 import utils
@@ -19,6 +21,7 @@ SIZES = [(64, 48), (48, 64), (64, 64)]  # landscape, portrait, square (WxH)
 TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "32", "--batch-size", "3", "--workers", "0",
         "--device", "cpu", "--epochs", "1"]
 DEVICE = ["--workers", "0", "--device", "cpu", "--batch-size", "3"]
+pytestmark = pytest.mark.slow  # every test reads a run trained here
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,28 @@ def test_demo_draws_each_size_with_labels_on_the_pixels(mixed):
 
 
 def test_training_validates_mixed_sizes_and_records_the_score(mixed):
-    _, run, _ = mixed
+    """The recorded scores are those of best.pt scored image by image, each prediction resized to its own mask;
+    training validated the three sizes together, in batches of 3."""
+    root, run, _ = mixed
     history = json.loads((run / "metrics.json").read_text())
-    assert len(history) == 1 and np.isfinite(history[0]["miou"])
+    checkpoint = utils.load_checkpoint(run / utils.BEST_CHECKPOINT)
+    net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
+                              **checkpoint["model_kwargs"])
+    net.load_state_dict(checkpoint["state_dict"])
+    transform = data.build_transform("eval", checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    dataset = data.SegmentationDataset(root, "val.json", "val", transform)
+    confusion = utils.ConfusionMatrix(checkpoint["num_classes"])
+    sizes = set()
+    with torch.no_grad():
+        for image, mask in (dataset[index] for index in range(len(dataset))):
+            logits = F.interpolate(net.eval()(image[None]), size=mask.shape, mode="bilinear", align_corners=False)
+            confusion.update(mask, logits.argmax(1))
+            sizes.add(tuple(mask.shape))
+    assert len(sizes) > 1  # the val set does mix sizes
+    expected = confusion.compute()
+    assert len(history) == 1 and history[0]["miou"] == pytest.approx(expected["miou"], abs=1e-6)
+    recorded = [np.nan if v is None else v for v in history[0]["iou"].values()]
+    np.testing.assert_allclose(recorded, expected["iou"], atol=1e-6)
 
 
 def test_preflight_fails_within_seconds_on_a_bad_val_image(mixed, tmp_path):
@@ -119,7 +141,7 @@ def test_a_folder_of_wild_photos_gives_masks_and_panels_at_the_size_people_see(m
         assert sorted(os.path.splitext(name)[0] for name in rows) == sorted(shown)
 
 
-def test_pseudo_labels_and_out_of_fold_on_mixed_sizes(mixed, capsys):
+def test_pseudo_labels_and_out_of_fold_on_mixed_sizes(mixed, constant_copy, capsys):
     root, run, tmp = mixed
     if not (tmp / "photos").exists():
         write_wild_photos(tmp / "photos")
@@ -134,5 +156,20 @@ def test_pseudo_labels_and_out_of_fold_on_mixed_sizes(mixed, capsys):
         train.main(train.get_args_parser().parse_args(
             [*TINY, "--data-root", root, "--cache-dir", str(tmp / "cache"), "--fold", str(fold), "--n-folds", "2",
              "--output", str(tmp / f"fold{fold}"), "--no-preflight"]))
+    # fold 0 predicts Background everywhere, fold 1 class 3: the out-of-fold scores are the ground truth of each
+    # fold's own val images, at their own sizes, against that fold's class
+    labels = {0: 0, 1: 3}
+    for fold, label in labels.items():
+        best = tmp / f"fold{fold}" / utils.BEST_CHECKPOINT
+        constant_copy(best, best, label)
     scores = inference.main(inference.get_args_parser().parse_args(["--oof", str(tmp / "fold*"), *DEVICE]))
-    assert np.isfinite(scores["miou"])
+    dataset = data.SegmentationDataset(root, "train_all.json", "val")
+    index_of = {image["id"]: index for index, image in enumerate(dataset.images)}
+    expected = utils.ConfusionMatrix(dataset.coco.num_classes)
+    for fold, label in labels.items():
+        for image_id in data.fold_image_ids(dataset.coco, fold, n_splits=2)[1]:
+            target = torch.from_numpy(dataset.label_mask(index_of[image_id]))
+            expected.update(target, torch.full_like(target, label))
+    expected = expected.compute()
+    assert scores["miou"] == pytest.approx(expected["miou"]) and 0 < scores["miou"] < 1
+    np.testing.assert_allclose(scores["iou"], expected["iou"])

@@ -57,6 +57,7 @@ def read_bytes(path):
 
 
 # ---------------------------------------------------------------- 1. run folders
+@pytest.mark.slow
 def test_a_second_run_in_a_trained_folder_stops_and_keeps_best_pt(root, tmp_path):
     output = tmp_path / "run"
     train.main(train_args(root, output))
@@ -117,6 +118,7 @@ USER_ERRORS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", USER_ERRORS)
 def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_path, script_error):
     """Each script's own `__main__` line (see conftest.script_error)."""
@@ -125,6 +127,7 @@ def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_
     assert words in script_error(script, *argv, *([] if script in ("dataset.py", "copy_paste.py") else CPU))
 
 
+@pytest.mark.slow
 def test_no_checkpoint_in_a_fresh_interpreter_prints_no_traceback(root, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "inference.py"), "--data-root", root,
                              "--checkpoints", str(tmp_path / "runs" / "*" / utils.BEST_CHECKPOINT), *CPU],
@@ -151,6 +154,7 @@ def pseudo_label(root, run, out, *extra):
         ["--data-root", root, "--checkpoints", run, "--out", str(out), *CPU, *extra]))
 
 
+@pytest.mark.slow
 def test_low_keep_stops_without_a_manifest_unless_allowed(root, run, tmp_path, capsys):
     out = tmp_path / "pseudo"
     pseudo_label(root, run, out, "--threshold", "0")  # an earlier, useful manifest

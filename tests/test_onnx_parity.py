@@ -40,6 +40,7 @@ def differing_share(got, expected):
     return sum(int((got[k] != expected[k]).sum()) for k in expected) / sum(m.size for m in expected.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--tta", "--tta-vflip"]], ids=["plain", "tta-flips"])
 def test_onnx_and_pytorch_submissions_agree_on_resized_photos(tiny_run, onnx_export, photos, run_inference, tmp_path,
                                                               extra):
@@ -51,6 +52,7 @@ def test_onnx_and_pytorch_submissions_agree_on_resized_photos(tiny_run, onnx_exp
     assert len(np.unique(np.stack(list(expected.values())))) > 1  # not a uniform map that any path gets right
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [[], ["--tta", "--tta-vflip"]], ids=["plain", "tta-flips"])
 def test_a_checkpoint_and_its_onnx_export_give_the_same_probabilities_at_any_photo_size(tiny_run, onnx_export, tta):
     transforms = ensembles.build_tta(inference.get_args_parser().parse_args(tta))

@@ -415,6 +415,7 @@ def test_globs_and_named_files_take_links_to_nothing_and_pipes_as_unreadable_fil
     assert [info["file_name"] for info in folder.images] == ["ok.png"] and len(folder.skipped) == 3
 
 
+@pytest.mark.slow
 def test_inference_on_a_folder_counts_links_to_nothing_pipes_and_cut_pngs(
         tmp_path, constant_checkpoint, run_inference, capsys, fails_if_blocked):
     write_unreadable_entries(tmp_path / "photos")

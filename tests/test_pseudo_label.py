@@ -323,6 +323,7 @@ def test_ratio_mix_draws_follow_the_sampler_seed():
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, run_pseudo_label, tmp_path,
                                                image_reads):
     root, out = str(tiny_demo), str(tmp_path / "pseudo")

@@ -193,6 +193,7 @@ def test_a_json_s_images_are_ranked_and_no_submission_is_written(pool, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["next.csv", "next.json", "next.png", "pool"]  # no submission.csv
 
 
+@pytest.mark.slow
 def test_real_checkpoints_score_their_known_margin(tiny_demo, constant_checkpoint, run_inference, tmp_path):
     """A constant checkpoint's logits are 10 for its class and 0 elsewhere: p1 - p2 = (e^10 - 1) / (e^10 + C - 1)
     at every pixel; two of them voting for two classes leave p1 = p2: uncertainty 1, every pixel uncertain."""

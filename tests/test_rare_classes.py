@@ -271,6 +271,7 @@ def test_auto_class_weights_of_a_dataset_follow_the_formula(tmp_path):
 
 
 # ---------------------------------------------------------------- the benchmark over seeds
+@pytest.mark.slow
 def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(tiny_demo, tiny_train_argv, tmp_path):
     out = tmp_path / "bench"
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "rare_classes.py")

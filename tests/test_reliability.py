@@ -1,20 +1,19 @@
-"""Faults and bad inputs that end in a clear message or a counted note, never a silent wrong result.
+"""Faults that end in a clear message or a counted note, never a silent wrong result: non-finite training, fp16
+overflow, checkpoints from strangers, an empty image selection, counts below one.
 
-Json and image faults are in test_dataset.py, checkpoint loading and CSV checks in
-test_utils.py, kills and resumes in test_resume.py; this file covers the rest.
+Json checks are in test_coco_checks.py, json and image faults of the datasets in test_dataset.py, checkpoint
+loading and CSV checks in test_utils.py, kills and resumes in test_resume.py, model inputs in test_models.py.
 """
 import argparse
 import json
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 
 import dataset
 import loss as losses
-import model as models
 import train
 import utils
 
@@ -48,6 +47,7 @@ class PoisonedLoss(torch.nn.Module):
         return self.poison(loss, logits)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poison, at, reason, kept_position", [
     ("nan loss", 3, "loss is nan at epoch 1, step 3", (0, 2)),
     ("inf loss", 1, "loss is inf at epoch 1, step 1", None),
@@ -126,6 +126,7 @@ def plain_data(value):
     return value is None or isinstance(value, (torch.Tensor, str, int, float, bool))
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_only_plain_data(tiny_run):
     for name, keys in (("best.pt", utils.MODEL_KEYS + ("args",)), ("last.pt", train.RESUME_KEYS)):
         checkpoint = utils.load_checkpoint(tiny_run / name, required_keys=keys)
@@ -134,94 +135,13 @@ def test_checkpoints_hold_only_plain_data(tiny_run):
         assert plain_data(checkpoint)
 
 
-# ---------------------------------------------------------------- empty sets
-def write_json(path, images=(), annotations=(), categories=({"id": 1, "name": "paper"},)):
-    path.write_text(json.dumps({"images": list(images), "annotations": list(annotations),
-                                "categories": list(categories)}))
-    return path
-
-
-def test_empty_train_set(tiny_demo_copy, run_train, tmp_path):
-    write_json(tiny_demo_copy / "empty.json")
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_demo_copy / 'empty.json'} lists no images")):
-        run_train(tiny_demo_copy, *FAST, "--output", tmp_path / "run", "--train-json", "empty.json")
-
-
-def test_empty_test_set(tiny_demo_copy, tiny_run, run_inference, tmp_path):
-    write_json(tiny_demo_copy / "test.json")
-    with pytest.raises(ValueError, match=re.escape(f"{tiny_demo_copy / 'test.json'} lists no images")):
-        run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo_copy, "--output", tmp_path / "submission.csv")
-    assert not (tmp_path / "submission.csv").exists()
-
-
+# ---------------------------------------------------------------- image selections
 def test_an_image_selection_with_no_images(tiny_demo):
     with pytest.raises(ValueError, match=re.escape(f"{tiny_demo / 'val.json'}: no images selected for train")):
         dataset.SegmentationDataset(str(tiny_demo), "val.json", "train", image_ids=[])
 
 
-# ---------------------------------------------------------------- inference on a labelled json
-def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(tiny_demo, tiny_run, run_inference, tmp_path,
-                                                                      capsys):
-    n_annotations = len(json.loads((tiny_demo / "val.json").read_text())["annotations"])
-    csv = tmp_path / "submission.csv"
-    run_inference("--checkpoints", tiny_run, "--data-root", tiny_demo, "--json", "val.json", "--output", csv)
-    note = f"annotations ignored ({n_annotations}): this json is read as unlabelled: 1"
-    assert f"{tiny_demo / 'val.json'}: {note}" in capsys.readouterr().out
-    file_names = [image["file_name"] for image in json.loads((tiny_demo / "val.json").read_text())["images"]]
-    assert list(utils.read_submission(csv, 11, expected_ids=file_names)) == file_names
-
-
-# ---------------------------------------------------------------- model inputs
-@pytest.fixture(scope="module")
-def net():
-    return models.create_model("unet", "test_resnet", num_classes=4).eval()
-
-
-@pytest.mark.parametrize("shape, dtype", [
-    ((2, 1, 64, 64), torch.float32),  # fewer channels than the model takes
-    ((2, 4, 64, 64), torch.float32),  # more
-    ((3, 64, 64), torch.float32),  # no batch axis
-    ((2, 3, 64, 64), torch.uint8),  # raw pixels, not normalised floats
-])
-def test_an_input_the_model_cannot_take_names_the_expected_one(net, shape, dtype):
-    message = f"expected float images of shape N x 3 x H x W, got a {dtype} tensor of shape {shape}"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        net(torch.zeros(shape, dtype=dtype))
-
-
-def test_inputs_smaller_than_the_encoder_stride_are_padded(net):
-    assert net(torch.zeros(1, 3, 2, 2)).shape == (1, 4, 2, 2)
-
-
-# ---------------------------------------------------------------- annotations outside the image
-def box(x0, y0, x1, y1):
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def test_polygons_and_bboxes_outside_the_image_are_clipped_and_counted(tmp_path):
-    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
-    annotations = [
-        {"id": 1, "image_id": 1, "category_id": 1, "segmentation": [box(-8, -8, 8, 8)], "bbox": [-8, -8, 16, 16]},
-        {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [box(24, 28, 40, 36)], "bbox": [24, 28, 16, 8]},
-        {"id": 3, "image_id": 1, "category_id": 1, "segmentation": [box(50, 50, 60, 60)], "bbox": [50, 50, 10, 10]},
-    ]
-    coco = dataset.Coco(write_json(tmp_path / "a.json", [image], annotations), str(tmp_path))
-    assert coco.notes == {"polygons clipped to the image border": 3}
-    expected = np.zeros((32, 32), dtype=np.uint8)
-    expected[:8, :8] = 1
-    expected[28:, 24:] = 1  # the polygon wholly outside paints nothing
-    np.testing.assert_array_equal(dataset.build_mask(coco, image), expected)
-
-
-def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
-    image = {"id": 1, "file_name": "a.png", "height": 32, "width": 32}
-    rle = {"size": [40, 40], "counts": [100, 20, 1480]}
-    path = write_json(tmp_path / "a.json", [image], [{"id": 7, "image_id": 1, "category_id": 1, "segmentation": rle}])
-    message = f"{path}: annotation 7 has an RLE of size [40, 40] (HxW), but image 1 is [32, 32]"
-    with pytest.raises(ValueError, match=re.escape(message)):
-        dataset.Coco(path, str(tmp_path))
-
-
+# ---------------------------------------------------------------- command line
 @pytest.mark.parametrize("flag", ["--size", "--epochs", "--batch-size", "--accum-steps", "--val-every"])
 def test_sizes_and_counts_below_one_are_refused_by_name(flag, capsys):
     with pytest.raises(SystemExit):

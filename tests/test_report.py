@@ -4,12 +4,10 @@ import json
 import os
 import sys
 
-import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 import dataset as data
 import inference
@@ -69,6 +67,7 @@ def half_and_half(value):
     return mask
 
 
+@pytest.mark.slow
 def test_worst_images_are_the_lowest_miou_in_order(demo_root, tmp_path):
     val = data.SegmentationDataset(str(demo_root), "val.json", "val", cache_dir=str(tmp_path / "cache"))
     target = half_and_half(0)
@@ -135,6 +134,7 @@ def predict_args(root, *extra):
                                                    *extra])
 
 
+@pytest.mark.slow
 def test_inference_eval_report_equals_the_printed_scores(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--checkpoints", str(fold_runs / "fold0"), "--json", "val.json", "--eval",
                         "--output", str(tmp_path / "val.csv"), "--report", str(tmp_path / "report"),
@@ -147,6 +147,7 @@ def test_inference_eval_report_equals_the_printed_scores(demo_root, fold_runs, t
     assert sum(map(sum, numbers["confusion"])) == 4 * 64 * 64
 
 
+@pytest.mark.slow
 def test_oof_report_covers_every_image_once(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--oof", str(fold_runs / "fold*"), "--report", str(tmp_path / "report"),
                         "--report-worst", "1")
@@ -157,6 +158,7 @@ def test_oof_report_covers_every_image_once(demo_root, fold_runs, tmp_path):
     assert numbers["miou"] == pytest.approx(scores["miou"])
 
 
+@pytest.mark.slow
 def test_report_without_eval_is_a_user_error(demo_root, fold_runs, tmp_path):
     args = predict_args(demo_root, "--checkpoints", str(fold_runs / "fold0"), "--output", str(tmp_path / "t.csv"),
                         "--report", str(tmp_path / "report"))
@@ -165,43 +167,7 @@ def test_report_without_eval_is_a_user_error(demo_root, fold_runs, tmp_path):
 
 
 # ---------------------------------------------------------------- dataset report
-def write_hand_made_set(root):
-    """Three images (two sizes), classes A, B, C without overlaps; returns the hand counts."""
-    sizes = {1: (30, 40), 2: (30, 40), 3: (20, 50)}  # (height, width)
-    boxes = {  # image id -> [(category id, y0, y1, x0, x1)]
-        1: [(1, 0, 10, 0, 10), (2, 15, 25, 20, 30)],
-        2: [(1, 0, 5, 0, 4), (1, 10, 20, 10, 20), (3, 20, 30, 0, 40)],
-        3: [],
-    }
-    images, annotations = [], []
-    rng = np.random.default_rng(0)
-    for image_id, (h, w) in sizes.items():
-        name = f"img{image_id}.jpg"
-        cv2.imwrite(str(root / name), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
-        for cat, y0, y1, x0, x1 in boxes[image_id]:
-            mask = np.zeros((h, w), dtype=np.uint8)
-            mask[y0:y1, x0:x1] = 1
-            rle = mask_utils.encode(np.asfortranarray(mask))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cat, "iscrowd": 0,
-                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                                "area": int(mask.sum())})
-    categories = [{"id": i, "name": n} for i, n in ((1, "A"), (2, "B"), (3, "C"))]
-    (root / "all.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                               "categories": categories}))
-    foreground = [100 + 20 + 100, 100, 400]  # A: 10x10 + 5x4 + 10x10; B: 10x10; C: 10x40
-    total = 2 * 30 * 40 + 20 * 50
-    return {
-        "images": 3, "class_names": ["Background", "A", "B", "C"], "annotations_per_class": [0, 3, 1, 1],
-        "pixels_per_class": [total - sum(foreground)] + foreground,
-        "objects_per_image": {"0": 1, "2": 1, "3": 1},
-        "image_sizes": [{"width": 40, "height": 30, "images": 2}, {"width": 50, "height": 20, "images": 1}],
-        "cooccurrence": [[0, 0, 0, 0], [0, 2, 1, 1], [0, 1, 1, 0], [0, 1, 0, 1]],
-        "labels_per_image": {"1": [1, 2], "2": [1, 3], "3": []},
-    }
-
-
-def test_dataset_report_counts_equal_the_hand_counts(tmp_path, capsys):
+def test_dataset_report_counts_equal_the_hand_counts(write_hand_made_set, tmp_path, capsys):
     expected = write_hand_made_set(tmp_path)
     out = tmp_path / "report"
     data.main(data.get_args_parser().parse_args(["summary", "--root", str(tmp_path), "--json", "all.json",

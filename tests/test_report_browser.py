@@ -1,10 +1,12 @@
 """A report opened in headless Chromium, as a person would open it: every chart loads, offline."""
+import pytest
+
 import dataset as data
 from browser import chromium  # noqa: F401  (a pytest fixture)
-from test_report import write_hand_made_set
 
 
-def test_dataset_report_opens_in_chromium_with_every_image_loaded(chromium, tmp_path):
+@pytest.mark.slow
+def test_dataset_report_opens_in_chromium_with_every_image_loaded(chromium, write_hand_made_set, tmp_path):
     write_hand_made_set(tmp_path)
     out = tmp_path / "report"
     data.main(data.get_args_parser().parse_args(["summary", "--root", str(tmp_path), "--json", "all.json",

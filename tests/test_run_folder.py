@@ -43,6 +43,7 @@ def fail(*args, **kwargs):
 
 
 # ---------------------------------------------------------------- 2. --overwrite deletes only once the run can start
+@pytest.mark.slow
 def test_an_overwrite_that_cannot_start_leaves_the_old_run_byte_identical(tiny_demo, old_run, run_train, tmp_path,
                                                                           monkeypatch):
     before = snapshot(old_run)
@@ -57,6 +58,7 @@ def test_an_overwrite_that_cannot_start_leaves_the_old_run_byte_identical(tiny_d
 
 
 # ---------------------------------------------------------------- 3. --resume of another folder's checkpoint
+@pytest.mark.slow
 def test_a_checkpoint_of_another_run_folder_never_replaces_a_run(tiny_demo, tiny_run, run_train, tmp_path):
     a, b = (shutil.copytree(tiny_run, tmp_path / name) for name in ("a", "b"))
     before = snapshot(a)
@@ -103,6 +105,7 @@ def test_a_run_folder_in_use_is_refused(tiny_demo, run_train, tmp_path):
     assert json.loads(lock.read_text()) == {"host": "otherhost", "pid": 1}
 
 
+@pytest.mark.slow
 def test_a_dead_processs_lock_is_taken_over_and_a_run_removes_its_own(tiny_demo, run_train, tmp_path, monkeypatch,
                                                                       capsys):
     output, lock = tmp_path / "run", tmp_path / "run" / utils.RUN_LOCK
@@ -165,6 +168,7 @@ def test_a_missing_extra_json_image_stops_the_run_before_training(tiny_demo_copy
                                          f"{root / 'batch_03/missing.jpg'} does not exist")
 
 
+@pytest.mark.slow
 def test_last_pt_is_saved_before_validation(tiny_demo, run_train, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", fail)
     with pytest.raises(RuntimeError, match="failed on purpose"):
@@ -173,6 +177,7 @@ def test_last_pt_is_saved_before_validation(tiny_demo, run_train, tmp_path, monk
 
 
 # ---------------------------------------------------------------- 7. another optimizer; args.json once the run starts
+@pytest.mark.slow
 def test_resume_with_another_optimizer_is_refused_and_keeps_args_json(tiny_demo, old_run, run_train, monkeypatch):
     args_json = (old_run / "args.json").read_bytes()
     with pytest.raises(utils.UserError) as refusal:

@@ -57,6 +57,7 @@ def test_help_runs(script, monkeypatch, capsys):
             assert status == 0 and out.startswith("usage:"), (command, out[:200])
 
 
+@pytest.mark.slow
 def test_pseudo_label_help_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, os.path.join(REPO, "pseudo_label.py"), "--help"],
                             capture_output=True, text=True, cwd=REPO)

@@ -142,6 +142,7 @@ def test_unlabeled_photos_from_jsons_folders_and_files_skip_unreadable_ones(tiny
     assert all(os.path.isfile(info["path"]) for info in images)
 
 
+@pytest.mark.slow
 def test_validation_images_among_the_unlabeled_are_dropped_or_refused_with_strict(tiny_demo_copy, run_train,
                                                                                   tmp_path, capsys):
     unlabeled = ["--unlabeled", tiny_demo_copy / "test.json", tiny_demo_copy / "val.json"]

@@ -21,8 +21,6 @@ import ensemble as ensembles
 import serve
 import utils
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
-from test_export import write_checkpoint
-from test_inference_outputs import largest_float_tensor
 
 MAX_UPLOAD = 100_000
 MAX_PIXELS = 500_000
@@ -34,7 +32,7 @@ def demo_root(demo_set):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(demo_root):
+def checkpoint(demo_root, write_checkpoint):
     names = data.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
     return write_checkpoint(demo_root / utils.BEST_CHECKPOINT, names)
 
@@ -149,7 +147,8 @@ def test_predict_png_from_raw_body(server, photo, checkpoint, ask):
     np.testing.assert_array_equal(np.asarray(mask), expected_mask(checkpoint, rgb))
 
 
-def test_a_large_photo_is_labelled_without_a_float_map_of_its_size(segmenter, checkpoint, monkeypatch):
+def test_a_large_photo_is_labelled_without_a_float_map_of_its_size(segmenter, checkpoint, largest_float_tensor,
+                                                                   monkeypatch):
     """A 7000 x 7000 PNG once cost 2.7 GB here: 11 probabilities and 3 [0, 1] channels at the photo's size."""
     monkeypatch.setattr(ensembles, "BAND_PIXELS", 2 ** 13)
     height, width = 900, 1000
@@ -265,6 +264,7 @@ def test_a_request_while_another_runs_gets_503_and_both_servers_stay_up(segmente
         running.close()
 
 
+@pytest.mark.slow
 def test_the_page_shows_the_mask_and_legend_in_chromium(chromium, checkpoint, photo, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

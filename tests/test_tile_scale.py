@@ -66,6 +66,7 @@ def resized(image, side):
     return ensembles.resize_image(image[None], (side, side))[0]
 
 
+@pytest.mark.slow
 def test_a_run_records_its_training_photos_size_and_an_export_carries_it(scale_run):
     _, random_head = scale_run
     for name in (utils.BEST_CHECKPOINT, utils.LAST_CHECKPOINT):
@@ -83,6 +84,7 @@ def test_the_record_is_each_sides_median_and_the_window_their_geometric_mean(tmp
     assert ensembles.native_window(None, 32, 32) is None
 
 
+@pytest.mark.slow
 def test_a_photo_upscaled_4x_and_tiled_labels_as_the_original_untiled(scale_run, capsys):
     """The issue's test. The model saw its 128 px training photos at 32 px: a 32 px photo is a scene as it
     saw them; upscaled 4x (to the training photos' 128 px) and tiled with --tile, its labels resized back
@@ -110,6 +112,7 @@ def test_a_photo_upscaled_4x_and_tiled_labels_as_the_original_untiled(scale_run,
     assert max(agreement["training size"]) < 0.8  # measured 0.33 .. 0.42
 
 
+@pytest.mark.slow
 def test_a_wide_photo_is_labelled_window_by_window_as_each_training_sized_photo_alone(scale_run):
     """A photo of a scene twice as wide as the training photos, at their pixel density (2 x 2 of them): --tile
     windows it at 128 photo pixels, each predicted as that photo alone is. Windows overlapping two photos
@@ -129,6 +132,7 @@ def test_a_wide_photo_is_labelled_window_by_window_as_each_training_sized_photo_
     assert agreement[()] < 0.5  # the whole photo at 32 px: objects at half the scale (measured 0.36)
 
 
+@pytest.mark.slow
 def test_tile_with_a_number_keeps_its_window(scale_run, capsys):
     _, random_head = scale_run
     assert load([random_head], "--tile", "48").tiling.size == 48
@@ -138,6 +142,7 @@ def test_tile_with_a_number_keeps_its_window(scale_run, capsys):
     assert "argument --tile: must be a positive integer, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_the_record_tiles_at_its_training_size_with_a_note(scale_run, tmp_path, capsys):
     _, random_head = scale_run
     checkpoint = utils.load_checkpoint(random_head)
@@ -150,6 +155,7 @@ def test_a_checkpoint_without_the_record_tiles_at_its_training_size_with_a_note(
            f"was trained on" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_members_trained_on_other_sizes_are_warned_of_once_and_the_first_windows(scale_run, tmp_path, capsys):
     _, random_head = scale_run
     checkpoint = utils.load_checkpoint(random_head)

@@ -41,6 +41,7 @@ def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_trai
 
 
 # ---------------------------------------------------------------- --extra-json
+@pytest.mark.slow
 def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, tmp_path, image_reads):
     extra = tiny_demo_copy / "extra.json"
     extra.write_text((tiny_demo_copy / "val.json").read_text())  # 4 more labelled images
@@ -84,6 +85,7 @@ def test_auto_class_weights_come_from_the_training_pixels(tiny_demo, run_train, 
 
 
 # ---------------------------------------------------------------- --accum-steps
+@pytest.mark.slow
 def test_accumulation_takes_one_optimizer_step_per_accum_batches(tiny_demo, run_train, tmp_path):
     run_train(tiny_demo, "--epochs", 1, "--accum-steps", 3, "--output", tmp_path / "run")
     assert global_step(tmp_path / "run") == 2  # ceil(4 batches / 3): the last, short group steps too

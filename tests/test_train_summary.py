@@ -19,6 +19,7 @@ def parameters_in_millions(*args):
     return f"{sum(p.numel() for p in models.create_model(*args).parameters()) / 1e6:.2f} M parameters"
 
 
+@pytest.mark.slow
 def test_summary_comes_before_the_preflight_and_epochs_count_from_1(tiny_demo, run_train, tmp_path, capsys):
     output = tmp_path / "run"
     run_train(tiny_demo, "--epochs", 2, "--output", output)
@@ -76,6 +77,7 @@ def test_a_resumed_history_keeps_the_validations_of_the_epochs_done(tmp_path):
 
 
 # ---------------------------------------------------------------- best.pt
+@pytest.mark.slow
 def test_best_pt_holds_no_training_state_and_last_pt_does(tiny_run):
     best = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
     last = utils.load_checkpoint(tiny_run / utils.LAST_CHECKPOINT)
@@ -86,6 +88,7 @@ def test_best_pt_holds_no_training_state_and_last_pt_does(tiny_run):
     assert (tiny_run / utils.BEST_CHECKPOINT).stat().st_size < 0.5 * (tiny_run / utils.LAST_CHECKPOINT).stat().st_size
 
 
+@pytest.mark.slow
 def test_resume_from_best_pt_is_refused_naming_last_pt(tiny_demo, tiny_run, run_train, tmp_path):
     output = shutil.copytree(tiny_run, tmp_path / "run")
     last = (output / utils.LAST_CHECKPOINT).read_bytes()
@@ -97,6 +100,7 @@ def test_resume_from_best_pt_is_refused_naming_last_pt(tiny_demo, tiny_run, run_
     assert (output / utils.LAST_CHECKPOINT).read_bytes() == last
 
 
+@pytest.mark.slow
 def test_an_old_best_pt_with_training_state_still_loads(tiny_demo, tiny_run, run_inference, tmp_path):
     """Before this change best.pt held everything last.pt holds: one-epoch runs' best.pt and last.pt share weights."""
     old = tmp_path / "old"

@@ -158,6 +158,7 @@ def case(request, tiny_demo, tmp_path, tiny_train_argv, constant_checkpoint, tin
     return Case(tiny_demo, tmp_path, tiny_train_argv, tiny_run, constant_checkpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_user_errors_end_in_one_line_with_the_advice(name, case, script_error, monkeypatch):
     script, argv, line, forbidden = CASES[name]

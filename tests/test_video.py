@@ -72,6 +72,7 @@ def class_names(checkpoint):
 
 
 # ---------------------------------------------------------------- the outputs
+@pytest.mark.slow
 def test_the_overlay_has_every_frame_and_the_csv_a_row_per_predicted_frame(clip, constant, tmp_path,
                                                                           run_inference, capsys):
     out = tmp_path / "out"
@@ -101,6 +102,7 @@ def test_the_overlay_has_every_frame_and_the_csv_a_row_per_predicted_frame(clip,
         assert shares == [1.0 if label == LABEL else 0.0 for label in range(len(names))]
 
 
+@pytest.mark.slow
 def test_every_n_predicts_every_n_th_frame(clip, constant, tmp_path, run_inference, capsys):
     run_inference("--checkpoints", constant, "--video", clip, "--every", 3, "--save-vis", tmp_path / "o.avi",
                   "--save-shares", tmp_path / "s.csv")
@@ -110,6 +112,7 @@ def test_every_n_predicts_every_n_th_frame(clip, constant, tmp_path, run_inferen
     assert f"labelled {FRAMES} frames (4 predicted)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_frame_is_labelled_as_inference_labels_it_as_a_photo(tiny_run):
     """Without smoothing, the probabilities predicted at the model's size and resized to the frame give the
     labels Ensemble.summarise_images gives the frame as a photo."""
@@ -196,6 +199,7 @@ def test_smooth_reaches_the_labeller_from_the_command_line(clip, tmp_path, run_i
 
 
 # ---------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
 def test_ctrl_c_leaves_a_valid_video_and_csv_of_the_frames_done(clip, constant, tmp_path, run_inference,
                                                                 monkeypatch, capsys):
     done, label = 5, video.FrameLabeller.__call__
