@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import dataset
 import demo
+import images as imaging
 import inference
 import pseudo_label
 import train
@@ -58,14 +58,14 @@ def tiny_demo_copy(tiny_demo, tmp_path):
 
 @pytest.fixture
 def image_reads(monkeypatch):
-    """The real paths of the images read through dataset.read_image during the test, in order."""
-    paths, real_read = [], dataset.read_image
+    """The real paths of the images read through imaging.read_image during the test, in order."""
+    paths, real_read = [], imaging.read_image
 
     def recording(path, *args, **kwargs):
         paths.append(os.path.realpath(path))
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "read_image", recording)
+    monkeypatch.setattr(imaging, "read_image", recording)
     return paths
 
 

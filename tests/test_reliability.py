@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import coco_utils
 import dataset
 import loss as losses
 import model as models
@@ -205,12 +206,12 @@ def test_polygons_and_bboxes_outside_the_image_are_clipped_and_counted(tmp_path)
         {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [box(24, 28, 40, 36)], "bbox": [24, 28, 16, 8]},
         {"id": 3, "image_id": 1, "category_id": 1, "segmentation": [box(50, 50, 60, 60)], "bbox": [50, 50, 10, 10]},
     ]
-    coco = dataset.Coco(write_json(tmp_path / "a.json", [image], annotations), str(tmp_path))
+    coco = coco_utils.Coco(write_json(tmp_path / "a.json", [image], annotations), str(tmp_path))
     assert coco.notes == {"polygons clipped to the image border": 3}
     expected = np.zeros((32, 32), dtype=np.uint8)
     expected[:8, :8] = 1
     expected[28:, 24:] = 1  # the polygon wholly outside paints nothing
-    np.testing.assert_array_equal(dataset.build_mask(coco, image), expected)
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, image), expected)
 
 
 def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
@@ -219,7 +220,7 @@ def test_an_rle_of_another_size_than_its_image_names_both(tmp_path):
     path = write_json(tmp_path / "a.json", [image], [{"id": 7, "image_id": 1, "category_id": 1, "segmentation": rle}])
     message = f"{path}: annotation 7 has an RLE of size [40, 40] (HxW), but image 1 is [32, 32]"
     with pytest.raises(ValueError, match=re.escape(message)):
-        dataset.Coco(path, str(tmp_path))
+        coco_utils.Coco(path, str(tmp_path))
 
 
 @pytest.mark.parametrize("flag", ["--size", "--epochs", "--batch-size", "--accum-steps", "--val-every"])
