@@ -23,11 +23,13 @@ from albumentations.core.type_definitions import Targets
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
+import coco_utils
 import dataset as data
+import images as imaging
 import utils
 
 BANK_VERSION = 1  # bump when the way objects are cut out changes
-DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(data.DEFAULT_CACHE_DIR), "copy_paste")
+DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(imaging.DEFAULT_CACHE_DIR), "copy_paste")
 MIN_OBJECT_AREA = 32  # pixels; smaller cut-outs and pastes teach nothing but noise
 PLACEMENT_TRIES = 10
 JPEG_QUALITY = 95
@@ -41,15 +43,15 @@ Paste = collections.namedtuple("Paste", "y x rgb alpha mask label image_id")
 def instance_map(coco, image, paint_order):
     """Which annotation is visible at each pixel (0: none, k: k-th in paint order), and those annotations.
 
-    Painted exactly as `dataset.build_mask` paints labels, so mapping each index to
+    Painted exactly as `coco_utils.build_mask` paints labels, so mapping each index to
     its label gives the dataset's label map; unlike the label map it also separates
     overlapping instances of one class.
     """
     height, width = image["height"], image["width"]
-    anns = data.paint_sorted(coco.anns_by_image[image["id"]], paint_order)
+    anns = coco_utils.paint_sorted(coco.anns_by_image[image["id"]], paint_order)
     indices = np.zeros((height, width), dtype=np.int32)
     for k, ann in enumerate(anns, start=1):
-        indices[data.decode_annotation(ann, height, width) > 0] = k
+        indices[coco_utils.decode_annotation(ann, height, width) > 0] = k
     return indices, anns
 
 
@@ -112,7 +114,7 @@ def _labels_of(names, dataset):
 
 def _no_objects_error(empty, names, dataset):
     """The error for classes without objects, naming the classes annotated in the dataset's images instead."""
-    counts = data.annotation_counts(dataset.coco, dataset.images)
+    counts = coco_utils.annotation_counts(dataset.coco, dataset.images)
     class_of = {cat_id: dataset.class_names[label] for cat_id, label in dataset.coco.cat_to_label.items()}
     others = [f"{class_of[cat_id]} ({n})" for cat_id, n in counts.most_common() if class_of[cat_id] not in names]
     return utils.UserError(
@@ -128,7 +130,7 @@ def cut_out_objects(dataset, labels, paint_order):
     for image in dataset.images:
         if not any(coco.cat_to_label[ann["category_id"]] in wanted for ann in coco.anns_by_image[image["id"]]):
             continue  # skip reading photos with nothing to cut out
-        rgb = data.read_image(coco.image_path(image), (image["height"], image["width"]))
+        rgb = imaging.read_image(coco.image_path(image), (image["height"], image["width"]))
         indices, anns = instance_map(coco, image, paint_order)
         for k, ann in enumerate(anns, start=1):
             label = coco.cat_to_label[ann["category_id"]]
@@ -307,7 +309,7 @@ class CopyPaste(A.DualTransform):
 
 
 def copy_paste_transforms(dataset, classes=None, p=0.5, max_objects=3, cache_dir=DEFAULT_CACHE_DIR, **options):
-    """The `extra=` transforms for `dataset.build_transform`: none when p == 0.
+    """The `extra=` transforms for `presets.build_transform`: none when p == 0.
 
     The bank comes from `dataset`'s own images only (in k-fold mode, never from the
     fold's validation images).
@@ -330,7 +332,7 @@ def synthesize(dataset, paster, index, seed):
     coco = dataset.coco
     info = dataset.images[index % len(dataset)]
     rng = np.random.default_rng([seed, index])
-    image = data.read_image(coco.image_path(info), (info["height"], info["width"]))
+    image = imaging.read_image(coco.image_path(info), (info["height"], info["width"]))
     instances, anns = instance_map(coco, info, dataset.paint_order)
     label_cats = [None] + [category["id"] for category in coco.categories]
     categories = [ann["category_id"] for ann in anns]
@@ -444,7 +446,7 @@ def get_args_parser():
 
 def main(args):
     data.prepare_data_root(args.data_root)
-    data.require_json(args.data_root, args.json, "--json")
+    coco_utils.require_json(args.data_root, args.json, "--json")
     path = generate(args.data_root, args.json, args.out, args.n, args.classes, args.seed, args.max_objects,
                     args.cache_dir)
     print(f"wrote {args.n} images and {path}")

@@ -618,7 +618,7 @@ def parse_sizes(text):
 
 
 def add_demo_args(parser):
-    """The flags of `python demo.py` (also those of its alias `python dataset.py make-demo`)."""
+    """The flags of `python demo.py` (also those of its alias `python dataset_tool.py make-demo`)."""
     parser.add_argument("--root", default=DEFAULT_ROOT, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and layouts")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")

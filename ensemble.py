@@ -25,7 +25,9 @@ from albumentations.pytorch import ToTensorV2
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from tqdm import tqdm
 
+import coco_utils
 import dataset as data
+import images as imaging
 import model as models
 import utils
 
@@ -52,7 +54,7 @@ def add_ensemble_args(p):
                         "it learned (for photos of a wider scene than those); --tile SIZE: SIZE x SIZE photo pixels")
     p.add_argument("--tile-overlap", type=overlap_fraction, default=1 / 3,
                    help="with --tile, the share of a window its neighbour overlaps (0 <= f < 1)")
-    p.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
+    p.add_argument("--max-image-pixels", type=utils.positive_int, default=imaging.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     p.add_argument("--workers", type=utils.non_negative_int, default=min(4, os.cpu_count() or 1),
                    help="data loader worker processes")
@@ -400,7 +402,7 @@ def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft",
     """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names)."""
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
-        data.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
+        coco_utils.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
     members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
     ensemble = Ensemble(members, vote, native_tiling(tiling, paths, members)).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")

@@ -30,8 +30,10 @@ import torch
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                       quantize_static)
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
+import images as imaging
 import model as models
 import utils
 
@@ -148,11 +150,11 @@ def calibration_paths(patterns, count):
     found = []
     for pattern in patterns:
         if os.fspath(pattern).lower().endswith(".json"):
-            coco = data.Coco(pattern, os.path.dirname(os.path.abspath(pattern)), expect_annotations=False)
+            coco = coco_utils.Coco(pattern, os.path.dirname(os.path.abspath(pattern)), expect_annotations=False)
             found += [(coco.image_path(info), info["file_name"]) for info in coco.images]
         else:
-            found += data.find_images([pattern])
-    images, _ = data.readable_images(sorted(dict(found).items()), data.MAX_IMAGE_PIXELS, patterns)
+            found += imaging.find_images([pattern])
+    images, _ = imaging.readable_images(sorted(dict(found).items()), imaging.MAX_IMAGE_PIXELS, patterns)
     picks = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
     return [images[i]["path"] for i in picks]
 
@@ -161,7 +163,7 @@ def model_inputs(paths, size):
     """Photos as an ONNX member feeds them (ensemble.OnnxMember): resized to size x size, rounded to uint8."""
     inputs = []
     for path in paths:
-        image = torch.from_numpy(data.read_image(path)).permute(2, 0, 1)[None]
+        image = torch.from_numpy(imaging.read_image(path)).permute(2, 0, 1)[None]
         inputs.append(ensembles.resize_rows(image, (size, size)).mul_(255).round_().clamp_(0, 255).to(torch.uint8))
     return torch.cat(inputs).numpy()
 
@@ -169,21 +171,21 @@ def model_inputs(paths, size):
 def labelled_set(args, checkpoint, source):
     """The --eval-json images with their label masks (painted as the model learned), checked to hold
     annotations of the model's classes."""
-    data.require_json(args.data_root, args.eval_json, "--eval-json")
+    coco_utils.require_json(args.data_root, args.eval_json, "--eval-json")
     dataset = data.SegmentationDataset(args.data_root, args.eval_json, "val", ensembles.image_tensor_transform(),
                                        paint_order=paint_order_of(checkpoint) or "area")
     if not any(dataset.coco.anns_by_image.values()):
         raise utils.UserError(f"{dataset.coco.path} holds no annotations: pass --eval-json with a labelled json "
                               f"(e.g. val.json), or leave it out to check on the calibration photos")
-    data.check_same_classes(dataset.coco.path, dataset.class_names, source, checkpoint["class_names"],
+    coco_utils.check_same_classes(dataset.coco.path, dataset.class_names, source, checkpoint["class_names"],
                             fix="pass an --eval-json labelled with the checkpoint's classes")
     return dataset
 
 
 def check_images(data_root, json_name, count, size):
     """The first `count` images of the json, resized to the export size: uint8 N x 3 x size x size."""
-    coco = data.Coco(os.path.join(data_root, json_name), data_root, expect_annotations=False)
-    images = [cv2.resize(data.read_image(coco.image_path(info)), (size, size), interpolation=cv2.INTER_AREA)
+    coco = coco_utils.Coco(os.path.join(data_root, json_name), data_root, expect_annotations=False)
+    images = [cv2.resize(imaging.read_image(coco.image_path(info)), (size, size), interpolation=cv2.INTER_AREA)
               for info in coco.images[:count]]
     if not images:
         raise utils.UserError(f"{os.path.join(data_root, json_name)} lists no images to check the export with")

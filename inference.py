@@ -26,8 +26,10 @@ import cv2
 import numpy as np
 import torch
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
+import images as imaging
 import utils
 import video
 
@@ -47,7 +49,7 @@ def get_args_parser():
     p.add_argument("--eval", action="store_true", help="the json is labelled: print mIoU and per-class IoU")
     p.add_argument("--oof", default=None, metavar="RUN_GLOB",
                    help="out-of-fold report: each fold run predicts its own val images, scored as one dataset")
-    p.add_argument("--paint-order", choices=data.PAINT_ORDERS, default=None,
+    p.add_argument("--paint-order", choices=coco_utils.PAINT_ORDERS, default=None,
                    help="overlap rule of the ground truth for --eval and --oof (default: the checkpoints' training's)")
     p.add_argument("--save-masks", default=None,
                    help="folder for paletted PNG label maps <stem>.png, at each photo's size as displayed")
@@ -159,7 +161,7 @@ def save_outputs(args, info, image_path, mask, class_names):
         utils.atomic_write_png(os.path.join(args.save_masks, stem), mask,
                                palette=utils.label_palette(len(class_names)))
     if args.save_vis:
-        rgb = data.read_image(image_path, max_pixels=args.max_image_pixels)
+        rgb = imaging.read_image(image_path, max_pixels=args.max_image_pixels)
         title = f"{info['file_name']} | {' + '.join(ensembles.expand_checkpoints(args.checkpoints))}"
         panel = utils.explained_panel(rgb, [mask], class_names, title)
         utils.atomic_write_png(os.path.join(args.save_vis, stem), cv2.cvtColor(panel, cv2.COLOR_RGB2BGR))
@@ -221,7 +223,7 @@ def run_oof(args):
         run = checkpoint["args"]
         ensemble, class_names = ensembles.build_ensemble([path], [checkpoint], args.device, transforms,
                                                          tiling=ensembles.build_tiling(args))
-        coco = data.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
+        coco = coco_utils.Coco(os.path.join(run["data_root"], run["all_json"]), run["data_root"])
         _, val_ids = data.fold_image_ids(coco, run["fold"], run["n_folds"], run["fold_seed"])
         paint_order = eval_paint_order(ensemble, [path], args.paint_order)
         first_order = first_order or paint_order
@@ -262,7 +264,7 @@ def open_images(args, ensemble, class_names):
     args.data_root = ensembles.run_data_root(args.data_root, [member.data_root for member in ensemble.members])
     data.prepare_data_root(args.data_root)
     json_name = args.json or DEFAULT_JSON
-    data.require_json(args.data_root, json_name, "--json")
+    coco_utils.require_json(args.data_root, json_name, "--json")
     mode = "val" if args.eval else "test"
     paint_order = eval_paint_order(ensemble, ensembles.expand_checkpoints(args.checkpoints), args.paint_order) \
         if args.eval else "area"
@@ -272,7 +274,7 @@ def open_images(args, ensemble, class_names):
     check_unique_file_names(dataset.coco.path, dataset.images)
     if args.save_masks or args.save_vis:
         data.check_unique_stems(image["file_name"] for image in dataset.images)
-    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
+    coco_utils.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
                             fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     return dataset, dataset.coco.image_path
 
@@ -346,7 +348,7 @@ def pick_distinct(candidates, count, distance, max_pixels):
     for candidate in sorted(candidates, key=lambda c: -c.score):  # a stable sort: ties keep the photos' order
         if len(chosen) == count:
             break
-        rgb = data.read_image(candidate.path, max_pixels=max_pixels)
+        rgb = imaging.read_image(candidate.path, max_pixels=max_pixels)
         code = difference_hash(rgb)
         if any(hash_bits_apart(code, other) <= distance for other in hashes):
             skipped += 1

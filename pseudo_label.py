@@ -24,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
 import utils
@@ -169,11 +170,11 @@ def open_source(args, ensemble, class_names):
         return dataset, dataset.image_path, {"image_dir": os.path.abspath(args.image_dir)}
     args.data_root = ensembles.run_data_root(args.data_root, [member.data_root for member in ensemble.members])
     data.prepare_data_root(args.data_root)
-    data.require_json(args.data_root, args.json, "--json")
+    coco_utils.require_json(args.data_root, args.json, "--json")
     dataset = data.SegmentationDataset(args.data_root, args.json, "test", transform=transform,
                                        max_pixels=args.max_image_pixels)
     dataset.coco.report_notes()
-    data.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
+    coco_utils.check_same_classes(dataset.coco.path, dataset.class_names, "the checkpoints", class_names,
                             fix="pass the --data-root and --json of images labelled with the checkpoints' classes")
     source = {"data_root": os.path.abspath(args.data_root), "json": os.path.abspath(dataset.coco.path),
               "json_hash": dataset.coco.content_hash}

@@ -1,8 +1,8 @@
 """Charts and offline HTML reports: the dataset report, the evaluation report and the run comparison.
 
-    python dataset.py summary --root data/demo --json train_all.json --report reports/demo-data
+    python dataset_tool.py summary --root data/demo --json train_all.json --report reports/demo-data
     python inference.py --checkpoints runs/demo --json val.json --eval --report reports/demo-val
-    python benchmarks/compare_runs.py runs/a runs/b --report reports/a-vs-b
+    python compare_runs.py runs/a runs/b --report reports/a-vs-b
 
 Each report is a folder: PNG charts drawn by matplotlib's Agg renderer (no display
 needed) in the toolkit's class colours, a report.json with every number the
@@ -23,7 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+import coco_utils
 import dataset as data
+import images as imaging
 import utils
 
 DPI = 100  # a figure of w x h inches is a PNG of (w * DPI) x (h * DPI) pixels
@@ -194,24 +196,22 @@ def show_image(ax, rgb, title):
 def dataset_statistics(dataset, n_folds=None, fold_seed=0):
     """Counts behind the dataset report, as plain data (class labels index `class_names`)."""
     coco, num_classes = dataset.coco, dataset.coco.num_classes
-    annotations = np.zeros(num_classes, dtype=np.int64)
     cooccurrence = np.zeros((num_classes, num_classes), dtype=np.int64)
     area_shares = collections.defaultdict(list)
     objects, sizes, labels_per_image = [], collections.Counter(), {}
-    for image in dataset.images:
-        anns = coco.anns_by_image[image["id"]]
-        labels = [coco.cat_to_label[a["category_id"]] for a in anns]
-        np.add.at(annotations, labels, 1)
-        present = sorted(set(labels))
+    for image, labels in zip(dataset.images, data.image_labels(dataset)):
+        present = sorted(labels)
         cooccurrence[np.ix_(present, present)] += 1
-        for ann, label in zip(anns, labels):
-            area_shares[label].append(100.0 * ann["area"] / (image["height"] * image["width"]))
-        objects.append(len(anns))
+        areas = coco_utils.object_areas(coco, image)
+        for label, percent in areas:
+            area_shares[label].append(percent)
+        objects.append(len(areas))
         sizes[(image["width"], image["height"])] += 1
         labels_per_image[image["id"]] = present
     stats = {
         "json": os.path.basename(coco.path), "images": len(dataset.images), "class_names": dataset.class_names,
-        "annotations_per_class": annotations.tolist(), "pixels_per_class": data.pixel_counts(dataset).tolist(),
+        "annotations_per_class": coco_utils.label_counts(coco, dataset.images).tolist(),
+        "pixels_per_class": data.pixel_counts(dataset).tolist(),
         "objects_per_image": dict(sorted(collections.Counter(objects).items())),
         "image_sizes": [{"width": w, "height": h, "images": n} for (w, h), n in sorted(sizes.items())],
         "cooccurrence": cooccurrence.tolist(),
@@ -220,20 +220,16 @@ def dataset_statistics(dataset, n_folds=None, fold_seed=0):
         "labels_per_image": labels_per_image,
     }
     if n_folds is not None:
-        stats["folds"] = [_fold_counts(coco, fold_ids) for fold_ids in data.kfold_splits(coco, n_folds, fold_seed)]
+        by_id = {image["id"]: image for image in coco.images}
+        folds = [[by_id[i] for i in fold_ids] for fold_ids in data.kfold_splits(coco, n_folds, fold_seed)]
+        stats["folds"] = [{"images": len(fold), "annotations_per_class": coco_utils.label_counts(coco, fold).tolist()}
+                          for fold in folds]
     return stats, area_shares
 
 
 def _quantiles(values):
     low, q1, median, q3, high = np.percentile(values, [0, 25, 50, 75, 100]).tolist()
     return {"count": len(values), "min": low, "q1": q1, "median": median, "q3": q3, "max": high}
-
-
-def _fold_counts(coco, image_ids):
-    annotations = np.zeros(coco.num_classes, dtype=np.int64)
-    for image_id in image_ids:
-        np.add.at(annotations, [coco.cat_to_label[a["category_id"]] for a in coco.anns_by_image[image_id]], 1)
-    return {"images": len(image_ids), "annotations_per_class": annotations.tolist()}
 
 
 def sample_image_indices(dataset, labels_per_image, annotations_per_class, count=12, seed=0):
@@ -351,7 +347,7 @@ def sample_grid(dataset, indices, columns=4):
     for ax, index in zip(axes, indices):
         info = dataset.images[index]
         mask = dataset.label_mask(index)
-        rgb = data.read_image(dataset.coco.image_path(info), (info["height"], info["width"]))
+        rgb = imaging.read_image(dataset.coco.image_path(info), (info["height"], info["width"]))
         labels = [int(c) for c in np.unique(mask) if 0 < c < num_classes]
         shown.update(labels)
         show_image(ax, utils.overlay(rgb, mask, num_classes),
@@ -512,7 +508,7 @@ def error_image(rgb, wrong):
 
 
 def worst_panel(image_path, target, pred, class_names, file_name, miou):
-    rgb = data.read_image(image_path, target.shape)
+    rgb = imaging.read_image(image_path, target.shape)
     n = len(class_names)
     fig = new_figure(4 * PANEL_INCHES, PANEL_INCHES + 1)
     axes = fig.subplots(1, 4)

@@ -23,7 +23,9 @@ from albumentations.pytorch import ToTensorV2
 from timm.utils import ModelEmaV3
 from torchvision.transforms import v2
 
+import coco_utils
 import dataset as data
+import images as imaging
 import utils
 
 CUTMIX_P = 0.5  # share of unlabelled images that get a box of another image pasted in
@@ -53,11 +55,11 @@ def find_unlabeled(paths, max_pixels):
     found = []
     for path in paths:
         if os.fspath(path).lower().endswith(".json") and os.path.isfile(path):
-            coco = data.Coco(path, os.path.dirname(os.path.abspath(path)), expect_annotations=False)
+            coco = coco_utils.Coco(path, os.path.dirname(os.path.abspath(path)), expect_annotations=False)
             found += [(os.path.abspath(coco.image_path(info)), info["file_name"]) for info in coco.images]
         else:
-            found += data.find_images([path])
-    return data.readable_images(found, max_pixels, paths)
+            found += imaging.find_images([path])
+    return imaging.readable_images(found, max_pixels, paths)
 
 
 class UnlabeledDataset(torch.utils.data.Dataset):
@@ -79,7 +81,7 @@ class UnlabeledDataset(torch.utils.data.Dataset):
         for offset in range(len(self)):
             path = self.images[(index + offset) % len(self)]["path"]
             try:
-                image = data.read_image(path, max_pixels=self.max_pixels)
+                image = imaging.read_image(path, max_pixels=self.max_pixels)
             except utils.UserError as err:
                 print(f"skipped: {err}")
                 continue

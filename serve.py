@@ -26,8 +26,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
-import dataset
 import ensemble as ensembles
+import images as imaging
 import utils
 
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -41,7 +41,7 @@ def get_args_parser():
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     utils.add_device_args(p, amp_help=None)
     p.add_argument("--max-upload-mb", type=utils.positive_float, default=20, help="larger uploads are refused (413)")
-    p.add_argument("--max-image-pixels", type=utils.positive_int, default=dataset.MAX_IMAGE_PIXELS,
+    p.add_argument("--max-image-pixels", type=utils.positive_int, default=imaging.MAX_IMAGE_PIXELS,
                    help="larger images are refused (413), as every script refuses them")
     p.add_argument("--queue", type=int, default=4, help="requests that may wait while one runs; more get 503")
     p.add_argument("--read-timeout", type=utils.positive_float, default=30,
@@ -58,8 +58,8 @@ class BadUpload(Exception):
 def decode_upload(data, max_pixels):
     """An uploaded photo's bytes -> RGB uint8 H x W x 3 as a person sees it, read as every script reads a file."""
     try:
-        return dataset.decode_image(data, "upload", max_pixels)
-    except dataset.ImageTooLarge as err:
+        return imaging.decode_image(data, "upload", max_pixels)
+    except imaging.ImageTooLarge as err:
         raise BadUpload(413, f"the image is {err.width}x{err.height} = {err.width * err.height} pixels, more than "
                              f"the limit of {max_pixels} (--max-image-pixels): send a smaller one") from None
     except utils.UserError as err:
@@ -165,7 +165,7 @@ class Gate:
             self.pending -= 1
 
 
-def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=dataset.MAX_IMAGE_PIXELS, queue=4,
+def create_app(segmenter, max_upload_bytes=20_000_000, max_pixels=imaging.MAX_IMAGE_PIXELS, queue=4,
                read_timeout=30):
     app = FastAPI(title="recycleseg", docs_url=None, redoc_url=None, openapi_url=None)
     gate = Gate(queue)

@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import coco_utils
 import copy_paste
 import dataset as data
+import images as imaging
 import loss as losses
 import model as models
+import presets
 import scheduler as schedulers
 import semi
 import utils
@@ -58,15 +61,15 @@ def get_args_parser():
                    help="more labelled jsons for training (e.g. copy_paste.py output); images relative to each json's folder")
     g.add_argument("--strict", action="store_true",
                    help="refuse to train when validation images are also training images (default: warn)")
-    g.add_argument("--paint-order", choices=data.PAINT_ORDERS, default="area",
+    g.add_argument("--paint-order", choices=coco_utils.PAINT_ORDERS, default="area",
                    help="overlap rule when painting annotations: area (larger first) or vertices (competition baseline)")
-    g.add_argument("--cache-dir", default=data.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
+    g.add_argument("--cache-dir", default=imaging.DEFAULT_CACHE_DIR, help="where decoded masks are cached")
     g.add_argument("--cache-images", action="store_true",
                    help="cache decoded images and masks raw (H*W*4 bytes per image on disk) so epochs skip JPEG and PNG decoding")
     g.add_argument("--size", type=utils.positive_int, default=512, help="training and validation image side in pixels")
-    g.add_argument("--max-image-pixels", type=utils.positive_int, default=data.MAX_IMAGE_PIXELS,
+    g.add_argument("--max-image-pixels", type=utils.positive_int, default=imaging.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
-    g.add_argument("--aug", choices=data.AUGMENTATIONS, default="light", help="augmentation preset")
+    g.add_argument("--aug", choices=presets.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=utils.probability, default=0.5,
                    help="probability of pasting rare objects into a training image (0 = off)")
     g.add_argument("--copy-paste-classes", default=None,
@@ -190,37 +193,38 @@ def init_distributed(device):
 # ---------------------------------------------------------------- data
 def build_datasets(args, mean, std):
     """(labelled train set, everything trained on, val set)."""
-    train_tf = data.build_transform(args.aug, args.size, mean, std)
-    val_tf = data.build_transform("eval", args.size, mean, std)
+    train_tf = presets.build_transform(args.aug, args.size, mean, std)
+    val_tf = presets.build_transform("eval", args.size, mean, std)
     common = dict(paint_order=args.paint_order, cache_dir=args.cache_dir, cache_images=args.cache_images,
                   max_pixels=args.max_image_pixels)
     if args.fold is None:
         train = data.SegmentationDataset(args.data_root, args.train_json, "train", train_tf, **common)
         val = data.SegmentationDataset(args.data_root, args.val_json, "val", val_tf, **common)
-        data.check_same_classes(val.coco.path, val.coco.classes, train.coco.path, train.coco.classes)
+        coco_utils.check_same_classes(val.coco.path, val.coco.classes, train.coco.path, train.coco.classes)
     else:
-        coco = data.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
+        coco = coco_utils.Coco(os.path.join(args.data_root, args.all_json), args.data_root)
         train_ids, val_ids = data.fold_image_ids(coco, args.fold, args.n_folds, args.fold_seed)
         train = data.SegmentationDataset(args.data_root, args.all_json, "train", train_tf, image_ids=train_ids, **common)
         val = data.SegmentationDataset(args.data_root, args.all_json, "val", val_tf, image_ids=val_ids, **common)
     extra = [extra_dataset(path, val, train_tf, common) for path in args.extra_json]
     for part in extra:
-        data.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
+        coco_utils.check_same_classes(part.coco.path, part.coco.classes, train.coco.path, train.coco.classes)
     check_no_val_images([train] + extra, val, args.strict)
     for part in [train, val] + extra:
-        data.check_image_files(part.coco, part.images, args.max_image_pixels)
+        coco_utils.check_image_files(part.coco, part.images, args.max_image_pixels)
     if args.copy_paste_p > 0 or args.crop_rare:
         # the object bank comes from this run's own training images only
-        train.transform = data.build_transform(args.aug, args.size, mean, std, extra=copy_paste.copy_paste_transforms(
-            train, args.copy_paste_classes, args.copy_paste_p, args.copy_paste_max, args.cache_dir),
-            crop_rare=rare_crop_options(args, train))
+        pastes = copy_paste.copy_paste_transforms(train, args.copy_paste_classes, args.copy_paste_p,
+                                                  args.copy_paste_max, args.cache_dir)
+        train.transform = presets.build_transform(args.aug, args.size, mean, std, extra=pastes,
+                                                  crop_rare=rare_crop_options(args, train))
         for part in extra:
             part.transform = train.transform
     for part in [train, val] + extra:
         part.coco.report_notes()
     if args.pseudo and args.pseudo_ratio > 0:
         pseudo = data.PseudoLabelDataset(args.pseudo, train.transform, exclude=val)
-        data.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
+        coco_utils.check_same_classes(args.pseudo, pseudo.class_names, train.coco.path, train.class_names)
         extra.append(data.mix_ratio_dataset(pseudo, len(train), args.pseudo_ratio))
     parts = [train] + extra
     return train, data.SeededConcatDataset(parts), val
@@ -253,12 +257,12 @@ def check_loss_flags(args):
 def check_jsons(args):
     """Stop with the flag to fix when a json this run reads is missing."""
     if args.fold is None:
-        data.require_json(args.data_root, args.train_json, "--train-json")
-        data.require_json(args.data_root, args.val_json, "--val-json")
+        coco_utils.require_json(args.data_root, args.train_json, "--train-json")
+        coco_utils.require_json(args.data_root, args.val_json, "--val-json")
     else:
-        data.require_json(args.data_root, args.all_json, "--all-json")
+        coco_utils.require_json(args.data_root, args.all_json, "--all-json")
     for path in args.extra_json:
-        data.require_json(args.data_root, os.path.abspath(path), "--extra-json")
+        coco_utils.require_json(args.data_root, os.path.abspath(path), "--extra-json")
 
 
 def check_no_val_images(train_sets, val_set, strict):
@@ -275,7 +279,7 @@ def check_no_val_images(train_sets, val_set, strict):
 
 
 def rare_crop_options(args, train):
-    """data.RareClassCrop's options for --crop-rare (None when off): the rare labels and the largest class share."""
+    """presets.RareClassCrop's options for --crop-rare (None when off): the rare labels and the largest class share."""
     if not args.crop_rare:
         return None
     names = data.parse_classes(args.crop_rare_classes) or data.rarest_classes(train)
@@ -639,7 +643,7 @@ def check_resumable(checkpoint, args, source="checkpoint"):
 
 def restore(state, checkpoint, class_names, source="checkpoint"):
     """Continue from `checkpoint` (check_resumable passed); another class list is an error naming both."""
-    data.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
+    coco_utils.check_same_classes(source, checkpoint["class_names"], "the dataset", class_names,
                             fix="resume with the run's own --data-root, or drop --resume and pass another --output")
     unwrap(state["model"]).load_state_dict(checkpoint["state_dict"])
     if state["teacher"] is not None:  # a run that gains --ema on resume starts its EMA from the weights

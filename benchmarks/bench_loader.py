@@ -28,7 +28,9 @@ from pycocotools.coco import COCO
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dataset import SegmentationDataset, build_transform, read_image  # noqa: E402
+from dataset import SegmentationDataset  # noqa: E402
+from images import read_image  # noqa: E402
+from presets import build_transform  # noqa: E402
 from utils import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 DEFAULT_ROOT = os.path.join(REPO, "..", "shared", "data", "trashbags")

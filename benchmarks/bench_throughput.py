@@ -83,10 +83,11 @@ def instrumented(dataset, totals):
     copied.read_image = timed(dataset.read_image, totals, DECODE)
     copied.masks = copy.copy(dataset.masks)
     copied.masks.get = timed(dataset.masks.get, totals, MASK)
-    copied.transform = copy.copy(dataset.transform)
-    copied.transform.transforms = [
+    copied.transform = copy.copy(dataset.transform)  # a preset: its albumentations Compose is `transforms`
+    copied.transform.transforms = copy.copy(dataset.transform.transforms)
+    copied.transform.transforms.transforms = [
         TimedTransform(t, totals, COPY_PASTE if isinstance(t, copy_paste.CopyPaste) else type(t).__name__)
-        for t in dataset.transform.transforms]
+        for t in dataset.transform.transforms.transforms]
     return copied
 
 

@@ -17,8 +17,8 @@ from pycocotools import mask as mask_utils
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import dataset
 import demo
+import images as imaging
 import inference
 import model
 import pseudo_label
@@ -68,14 +68,14 @@ def tiny_demo_copy(tiny_demo, tmp_path):
 
 @pytest.fixture
 def image_reads(monkeypatch):
-    """The real paths of the images read through dataset.read_image during the test, in order."""
-    paths, real_read = [], dataset.read_image
+    """The real paths of the images read through imaging.read_image during the test, in order."""
+    paths, real_read = [], imaging.read_image
 
     def recording(path, *args, **kwargs):
         paths.append(os.path.realpath(path))
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "read_image", recording)
+    monkeypatch.setattr(imaging, "read_image", recording)
     return paths
 
 

@@ -1,7 +1,7 @@
 """Every COCO json a user brings is checked once, before any work: a correct run, or one line naming the json and id.
 
 Refusals are driven through train.py (as `python train.py` runs it: utils.run_main, exit status 2,
-one line on stderr) or through dataset.Coco where a json meets no script first. docs/data-checks.md
+one line on stderr) or through coco_utils.Coco where a json meets no script first. docs/data-checks.md
 lists each case with its test.
 """
 import contextlib
@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+import coco_utils
 import dataset
 import demo
 import inference
@@ -82,11 +83,11 @@ H = W = 32
 
 
 def small_coco(tmp_path, annotations=(), categories=None, images=None):
-    """A json of 32x32 images (the files are not needed to read it) -> dataset.Coco."""
+    """A json of 32x32 images (the files are not needed to read it) -> coco_utils.Coco."""
     coco = {"images": images or [{"id": 1, "file_name": "a.png", "height": H, "width": W}],
             "categories": categories or [{"id": 1, "name": "paper"}, {"id": 2, "name": "plastic"}],
             "annotations": list(annotations)}
-    return dataset.Coco(write_json(tmp_path / "small.json", coco), str(tmp_path))
+    return coco_utils.Coco(write_json(tmp_path / "small.json", coco), str(tmp_path))
 
 
 def polygon_annotation(ann_id, segmentation, category_id=1, **extra):
@@ -163,7 +164,7 @@ def test_huge_finite_coordinates_are_clipped_in_little_memory(tmp_path):
 
     def paint():
         coco = small_coco(tmp_path, annotations)
-        return dataset.build_mask(coco, coco.images[0]), dict(coco.notes)
+        return coco_utils.build_mask(coco, coco.images[0]), dict(coco.notes)
 
     (mask, notes), added_mb, seconds = in_forked_child(paint)
     expected = box_mask(4, 4, W, 20)
@@ -175,8 +176,8 @@ def test_huge_finite_coordinates_are_clipped_in_little_memory(tmp_path):
 
 def test_clip_polygon_matches_the_exact_intersection():
     triangle = np.array([[0.0, 0.0], [1e12, 0.0], [0.0, 1e12]])
-    clipped = dataset.clip_polygon(triangle, -32, -32, 64, 64)
-    assert dataset._polygon_area(clipped) == pytest.approx(64 * 64)
+    clipped = coco_utils.clip_polygon(triangle, -32, -32, 64, 64)
+    assert coco_utils._polygon_area(clipped) == pytest.approx(64 * 64)
 
 
 # ---------------------------------------------------------------- train and val agree
@@ -275,7 +276,7 @@ def test_json_without_annotations_key_is_refused_as_a_test_json(demo_root, tmp_p
 def test_top_level_list_is_refused(tmp_path):
     path = write_json(tmp_path / "list.json", [{"id": 1}])
     with pytest.raises(utils.UserError, match=re.escape(f"{path}: the top level is a list, not an object")):
-        dataset.Coco(path, str(tmp_path))
+        coco_utils.Coco(path, str(tmp_path))
 
 
 def test_duplicate_category_ids_are_refused(demo_root, tmp_path, capsys):
@@ -307,7 +308,7 @@ def test_more_than_254_categories_are_refused_and_254_fit(demo_root, tmp_path, c
     assert message == (f"error: {path}: 255 categories, but at most 254 fit the uint8 label masks "
                        "(label 0 is Background, 255 means ignore); merge or drop categories")
     coco = small_coco(tmp_path, [polygon_annotation(1, [box(2, 2, 6, 6)], category_id=254)], categories=many[:254])
-    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), box_mask(2, 2, 6, 6, label=254))
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, coco.images[0]), box_mask(2, 2, 6, 6, label=254))
 
 
 def test_missing_category_id_names_the_annotation(demo_root, tmp_path, capsys):
@@ -365,7 +366,7 @@ def test_inference_ignores_the_annotations_of_a_test_json_with_a_note(tiny_demo,
 def test_bbox_only_annotation_is_painted_as_its_box_with_a_note(tmp_path):
     coco = small_coco(tmp_path, [{"id": 1, "image_id": 1, "category_id": 2, "bbox": [4, 6, 10, 8]}])
     assert coco.notes == {"annotations without a segmentation painted as their bbox": 1}
-    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), box_mask(4, 6, 14, 14, label=2))
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, coco.images[0]), box_mask(4, 6, 14, 14, label=2))
 
 
 @pytest.mark.parametrize("ann, message", [
@@ -382,7 +383,7 @@ def test_annotation_without_a_usable_shape_is_refused(tmp_path, ann, message):
 def test_flat_polygon_reads_as_one_polygon(tmp_path):
     coco = small_coco(tmp_path, [polygon_annotation(1, box(4, 4, 12, 20))])
     assert coco.notes == {"flat polygons (coordinates not nested in a list) read as one polygon": 1}
-    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), box_mask(4, 4, 12, 20))
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, coco.images[0]), box_mask(4, 4, 12, 20))
 
 
 def test_polygon_with_a_string_coordinate_is_refused(tmp_path):
@@ -396,7 +397,7 @@ def test_odd_coordinate_count_is_skipped_with_its_own_note(tmp_path):
     assert coco.notes == {"polygon parts skipped: odd number of coordinates": 2,
                           "annotations skipped: degenerate polygon (under 3 points, odd coordinate count "
                           "or zero area)": 1}
-    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), box_mask(8, 8, 12, 12))
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, coco.images[0]), box_mask(8, 8, 12, 12))
 
 
 def test_rle_counts_that_do_not_cover_the_image_are_refused(tmp_path):
@@ -420,4 +421,4 @@ def test_polygons_and_bboxes_outside_the_image_are_clipped_and_counted(tmp_path)
     assert coco.notes == {"polygons clipped to the image border": 3}
     expected = box_mask(0, 0, 8, 8)
     expected[28:, 24:] = 1  # the polygon wholly outside paints nothing
-    np.testing.assert_array_equal(dataset.build_mask(coco, coco.images[0]), expected)
+    np.testing.assert_array_equal(coco_utils.build_mask(coco, coco.images[0]), expected)

@@ -10,7 +10,7 @@ import re
 import pytest
 
 import copy_paste
-import dataset
+import dataset_tool
 import export
 import model as models
 import train
@@ -143,7 +143,7 @@ def test_null_stands_for_a_flag_not_given_and_run_folder_flags_are_skipped(tmp_p
 def test_other_scripts_read_config_too(tmp_path):
     """Subcommands' flags, a required flag given by the file, and positionals, which stay on the command line."""
     path = write(tmp_path / "subset.yaml", "seed: 3\njson: val.json\n")
-    args = parse(utils.add_config_flag(dataset.get_args_parser()), "--config", path, "subset", "--n", 2)
+    args = parse(utils.add_config_flag(dataset_tool.get_args_parser()), "--config", path, "subset", "--n", 2)
     assert (args.command, args.seed, args.json, args.n) == ("subset", 3, "val.json", 2)
     path = write(tmp_path / "paste.yaml", "out: pasted\nn: 7\n")
     args = parse(utils.add_config_flag(copy_paste.get_args_parser()), "--config", path)
@@ -190,7 +190,8 @@ def script_parsers():
 
 
 def test_every_flag_of_every_script_has_help_and_shows_its_default():
-    assert {"train", "inference", "export", "serve", "pseudo_label", "copy_paste", "dataset", "demo"} <= set(SCRIPTS)
+    assert {"train", "inference", "export", "serve", "pseudo_label", "copy_paste", "dataset_tool", "demo",
+            "compare_runs"} <= set(SCRIPTS)
     for script, parser in script_parsers():
         assert parser.formatter_class is utils.HelpFormatter, script
         for action in parser._actions:

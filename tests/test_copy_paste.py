@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+import coco_utils
 import copy_paste as cp
 import dataset as data
+import images as imaging
+import presets
 import utils
 
 PAPER, BATTERY = 1, 2  # labels in the hand-built scene
@@ -164,8 +167,8 @@ def test_image_alone_is_left_unchanged(bank):
 
 def test_composes_with_the_strong_preset_and_is_deterministic(scene, tmp_path):
     extra = cp.copy_paste_transforms(scene, ["Battery"], p=1.0, cache_dir=tmp_path / "bank")
-    transform = data.build_transform("strong", 48, extra=extra)
-    image, mask = data.read_image(scene.coco.image_path(scene.images[1])), scene.label_mask(1)
+    transform = presets.build_transform("strong", 48, extra=extra)
+    image, mask = imaging.read_image(scene.coco.image_path(scene.images[1])), scene.label_mask(1)
 
     def run(seed):
         transform.set_random_seed(seed)
@@ -195,8 +198,8 @@ def test_offline_json_decodes_to_the_masks_it_was_built_with(tiny_demo, tmp_path
     for index, info in enumerate(written.images):
         image, labels, _, _, _ = cp.synthesize(source, paster, index, seed=1)
         assert np.array_equal(written.label_mask(index), labels)
-        assert data.read_image(written.coco.image_path(info)).shape == image.shape
-        regions = [data.decode_annotation(ann, *labels.shape) for ann in written.coco.anns_by_image[info["id"]]]
+        assert imaging.read_image(written.coco.image_path(info)).shape == image.shape
+        regions = [coco_utils.decode_annotation(ann, *labels.shape) for ann in written.coco.anns_by_image[info["id"]]]
         assert np.sum(regions, axis=0).max() == 1  # visible parts never overlap
         pasted_classes |= set(np.unique(labels)) - set(np.unique(source.label_mask(index)))
     assert pasted_classes & {9, 10}

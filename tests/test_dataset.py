@@ -11,9 +11,11 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+import coco_utils
 import dataset
-from dataset import (Coco, LutNormalize, MaskCache, SegmentationDataset, build_mask, build_transform,
-                     decode_annotation, fold_image_ids, kfold_splits)
+from coco_utils import Coco, MaskCache, build_mask, decode_annotation
+from dataset import SegmentationDataset, fold_image_ids, kfold_splits
+from presets import LutNormalize, build_transform
 from utils import IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 32, 32
@@ -46,7 +48,7 @@ def write_image(path, height=H, width=W):
 
 def annotation(ann_id, image_id, category_id, segmentation, iscrowd=0, height=H, width=W):
     """A COCO annotation with the area pycocotools computes, as real jsons carry."""
-    rle = dataset.segmentation_rle(segmentation, height, width)
+    rle = coco_utils.segmentation_rle(segmentation, height, width)
     return {"id": ann_id, "image_id": image_id, "category_id": category_id, "segmentation": segmentation,
             "area": float(mask_utils.area(rle)), "iscrowd": iscrowd}
 
@@ -322,7 +324,7 @@ def test_second_access_reads_the_cached_png(tmp_path, monkeypatch):
     def no_rebuild(*args, **kwargs):
         raise AssertionError("mask rebuilt although it is cached")
 
-    monkeypatch.setattr(dataset, "build_mask", no_rebuild)
+    monkeypatch.setattr(coco_utils, "build_mask", no_rebuild)
     again = open_dataset(tmp_path, json_path)
     assert again.masks.folder == first.masks.folder
     for index, mask in enumerate(masks):

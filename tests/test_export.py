@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import dataset as data
+import coco_utils
 import ensemble as ensembles
 import export
 import inference
@@ -24,7 +24,7 @@ def demo_root(demo_set):
 
 @pytest.fixture(scope="module")
 def class_names(demo_root):
-    return data.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
+    return coco_utils.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
 
 
 @pytest.fixture(scope="module")

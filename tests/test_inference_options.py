@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 import dataset as data
+import images as imaging
 import utils
 
 
@@ -70,7 +71,7 @@ def test_vis_panel_is_the_image_beside_its_overlay_under_a_title_and_above_a_leg
         title = utils.title_strip(f"{info['file_name']} | {tiny_run / utils.BEST_CHECKPOINT}", 2 * width)
         legend = utils.legend_strip(names, 2 * width)
         assert panel.shape == (len(title) + height + len(legend), 2 * width, 3)
-        image = data.read_image(val_set.coco.image_path(info))
+        image = imaging.read_image(val_set.coco.image_path(info))
         np.testing.assert_array_equal(panel[:len(title)], title)
         body = panel[len(title):len(title) + height]
         np.testing.assert_array_equal(body[:, :width], image)

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
 import export
+import images as imaging
 import serve
 import utils
 
@@ -56,8 +58,8 @@ def test_the_int8_file_predicts_in_inference_and_serve(int8_export, tiny_demo, r
     scores = run_inference("--checkpoints", output, "--data-root", tiny_demo, "--json", "val.json", "--eval",
                            "--output", tmp_path / "sub.csv", "--save-masks", tmp_path / "masks")
     assert scores["miou"] == pytest.approx(result["int8"]["int8_miou"], abs=1e-9)  # the gate scored what inference scores
-    coco = data.Coco(tiny_demo / "val.json", tiny_demo)
-    rgb = data.read_image(coco.image_path(coco.images[0]))
+    coco = coco_utils.Coco(tiny_demo / "val.json", tiny_demo)
+    rgb = imaging.read_image(coco.image_path(coco.images[0]))
     segmenter = serve.Segmenter([str(output)])
     mask = segmenter.predict(rgb)
     assert mask.shape == rgb.shape[:2] and mask.dtype == np.uint8 and mask.max() < len(segmenter.class_names)

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import coco_utils
 import dataset as data
 import demo
+import images as imaging
 import inference
 import model as models
+import presets
 import pseudo_label
 import train
 import utils
@@ -37,10 +40,10 @@ def mixed(tmp_path_factory):
 
 def test_demo_draws_each_size_with_labels_on_the_pixels(mixed):
     root, _, _ = mixed
-    coco = data.Coco(os.path.join(root, "train_all.json"), root)
+    coco = coco_utils.Coco(os.path.join(root, "train_all.json"), root)
     assert {(image["width"], image["height"]) for image in coco.images} == set(SIZES)
     for image in coco.images:
-        assert data.read_image(coco.image_path(image)).shape == (image["height"], image["width"], 3)
+        assert imaging.read_image(coco.image_path(image)).shape == (image["height"], image["width"], 3)
         for ann in coco.anns_by_image[image["id"]]:
             x, y, w, h = ann["bbox"]
             assert x + w <= image["width"] + 1 and y + h <= image["height"] + 1
@@ -55,7 +58,7 @@ def test_training_validates_mixed_sizes_and_records_the_score(mixed):
     net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
                               **checkpoint["model_kwargs"])
     net.load_state_dict(checkpoint["state_dict"])
-    transform = data.build_transform("eval", checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+    transform = presets.build_transform("eval", checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
     dataset = data.SegmentationDataset(root, "val.json", "val", transform)
     confusion = utils.ConfusionMatrix(checkpoint["num_classes"])
     sizes = set()
@@ -105,7 +108,7 @@ def write_wild_photos(folder):
     folder.mkdir()
     rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     exif = Image.Exif()
-    exif[data.ORIENTATION_TAG] = 6
+    exif[imaging.ORIENTATION_TAG] = 6
     Image.fromarray(rgb).save(folder / "rotated.jpg", exif=exif)  # shown as 40 wide, 56 high
     (folder / "phone").mkdir()
     Image.fromarray(rgb[..., 0], "L").save(folder / "phone" / "grey.png")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import coco_utils
 import copy_paste as cp
 import dataset as data
 import demo
@@ -114,7 +115,7 @@ USER_ERRORS = {
                                 "pass --json"),
     "copy-paste unknown class": ("copy_paste.py", lambda r, run, t: ["--data-root", r, "--out", t, "--classes", "Gold",
                                                                      "--cache-dir", t], "unknown classes ['Gold']"),
-    "subset too large": ("dataset.py", lambda r, run, t: ["subset", "--root", r, "--n", "99"], "pass another --n"),
+    "subset too large": ("dataset_tool.py", lambda r, run, t: ["subset", "--root", r, "--n", "99"], "pass another --n"),
 }
 
 
@@ -124,7 +125,7 @@ def test_expected_user_errors_end_in_one_line_and_status_2(case, root, run, tmp_
     """Each script's own `__main__` line (see conftest.script_error)."""
     script, argv, words = USER_ERRORS[case]
     argv = argv(root, run, str(tmp_path))
-    assert words in script_error(script, *argv, *([] if script in ("dataset.py", "copy_paste.py") else CPU))
+    assert words in script_error(script, *argv, *([] if script in ("dataset_tool.py", "copy_paste.py") else CPU))
 
 
 @pytest.mark.slow
@@ -218,8 +219,9 @@ def evaluate(folder, checkpoints, *extra):
 
 def test_eval_paints_the_ground_truth_like_the_checkpoints_training(tmp_path, capsys):
     folder = overlap_scene(str(tmp_path / "scene"))
-    coco = data.Coco(os.path.join(folder, "val.json"), folder)
-    big_share = {order: np.mean(data.build_mask(coco, coco.images[0], order) == BIG) for order in data.PAINT_ORDERS}
+    coco = coco_utils.Coco(os.path.join(folder, "val.json"), folder)
+    big_share = {order: np.mean(coco_utils.build_mask(coco, coco.images[0], order) == BIG)
+                 for order in coco_utils.PAINT_ORDERS}
     assert big_share["vertices"] > big_share["area"]  # the triangle is hidden under vertices, on top under area
     vertices_run = always_big_checkpoint(tmp_path / "vertices.pt", "vertices")
 

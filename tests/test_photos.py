@@ -14,7 +14,9 @@ from PIL import Image, ImageFile, ImageOps
 
 import dataset as data
 import ensemble as ensembles
+import images as imaging
 import model as models
+import presets
 from utils import UserError
 
 # 4 x 6 blocks of 8 x 8 pixels (aligned to JPEG's blocks, so JPEG keeps them almost exactly), all colours distinct
@@ -37,7 +39,7 @@ DISPLAYED = {
 def save_jpeg(path, rgb, orientation=None, **kwargs):
     exif = Image.Exif()
     if orientation is not None:
-        exif[data.ORIENTATION_TAG] = orientation
+        exif[imaging.ORIENTATION_TAG] = orientation
     Image.fromarray(rgb).save(path, "JPEG", quality=100, subsampling=0, exif=exif, **kwargs)
     return str(path)
 
@@ -47,27 +49,27 @@ def save_jpeg(path, rgb, orientation=None, **kwargs):
 def test_exif_orientation_shows_the_photo_as_a_viewer_does(tmp_path, orientation):
     path = save_jpeg(tmp_path / "photo.jpg", STORED, orientation)
     expected = DISPLAYED[orientation](STORED)
-    image = data.read_image(path)
+    image = imaging.read_image(path)
     assert image.shape == expected.shape
     assert np.abs(image.astype(int) - expected).max() <= 4  # JPEG's rounding; a wrong turn differs by >= 10
-    assert data.image_size(path) == expected.shape[:2]
+    assert imaging.image_size(path) == expected.shape[:2]
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_of_a_png_matches_pillows_exif_transpose(tmp_path, orientation):
     exif = Image.Exif()
-    exif[data.ORIENTATION_TAG] = orientation
+    exif[imaging.ORIENTATION_TAG] = orientation
     Image.fromarray(STORED).save(tmp_path / "photo.png", exif=exif)  # decoded by Pillow, not OpenCV
     expected = np.array(ImageOps.exif_transpose(Image.open(tmp_path / "photo.png")).convert("RGB"))
-    assert np.array_equal(data.read_image(str(tmp_path / "photo.png")), expected)
+    assert np.array_equal(imaging.read_image(str(tmp_path / "photo.png")), expected)
     assert np.array_equal(expected, DISPLAYED[orientation](STORED))
 
 
 def test_exif_orientation_is_applied_alike_by_the_training_cache_and_the_folder_reader(tmp_path):
     path = save_jpeg(tmp_path / "photo.jpg", STORED, 6)
-    cached = data.DecodedImageCache(str(tmp_path / "cache")).read(path)
-    assert np.array_equal(cached, data.read_image(path))
-    folder = data.ImageFolderDataset([str(tmp_path / "photo.jpg")], data.build_transform("eval", None, 0, 1))
+    cached = imaging.DecodedImageCache(str(tmp_path / "cache")).read(path)
+    assert np.array_equal(cached, imaging.read_image(path))
+    folder = data.ImageFolderDataset([str(tmp_path / "photo.jpg")], presets.build_transform("eval", None, 0, 1))
     image, name = folder[0]
     assert name == "photo.jpg" and tuple(image.shape) == (3, 48, 32)
     assert np.allclose(image.permute(1, 2, 0).numpy() * 255, cached, atol=0.01)
@@ -78,14 +80,14 @@ def test_exif_orientation_is_applied_alike_by_the_training_cache_and_the_folder_
 def test_greyscale_becomes_three_equal_channels(tmp_path, suffix, tolerance):
     grey = STORED[..., 0]
     Image.fromarray(grey, "L").save(tmp_path / f"grey{suffix}", quality=100)
-    image = data.read_image(str(tmp_path / f"grey{suffix}")).astype(int)
+    image = imaging.read_image(str(tmp_path / f"grey{suffix}")).astype(int)
     assert (image == image[..., :1]).all() and np.abs(image[..., 0] - grey).max() <= tolerance
 
 
 def test_palette_png_becomes_its_colours(tmp_path):
     palette_image = Image.fromarray(STORED).quantize(colors=24, method=Image.Quantize.MEDIANCUT)
     palette_image.save(tmp_path / "palette.png")
-    assert np.array_equal(data.read_image(str(tmp_path / "palette.png")), np.array(palette_image.convert("RGB")))
+    assert np.array_equal(imaging.read_image(str(tmp_path / "palette.png")), np.array(palette_image.convert("RGB")))
 
 
 def test_transparency_is_laid_over_white(tmp_path):
@@ -94,7 +96,7 @@ def test_transparency_is_laid_over_white(tmp_path):
     rgba[:, :4, 3] = 255  # left half opaque, right half half transparent
     rgba[:, 4:, 3] = 128
     Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
-    image = data.read_image(str(tmp_path / "alpha.png")).astype(int)
+    image = imaging.read_image(str(tmp_path / "alpha.png")).astype(int)
     assert (image[:, :4] == (100, 50, 0)).all()
     half = np.array([100, 50, 0]) * 128 / 255 + 255 * 127 / 255
     assert np.abs(image[:, 4:] - half).max() <= 1
@@ -106,7 +108,7 @@ def test_palette_transparency_is_laid_over_white(tmp_path):
     image.putpixel((0, 0), 1)
     image.info["transparency"] = 0  # colour 0 (10, 20, 30) is transparent
     image.save(tmp_path / "palette_alpha.png", transparency=0)
-    rgb = data.read_image(str(tmp_path / "palette_alpha.png"))
+    rgb = imaging.read_image(str(tmp_path / "palette_alpha.png"))
     assert tuple(rgb[0, 0]) == (200, 0, 0) and (rgb[1:] == 255).all()
 
 
@@ -114,7 +116,7 @@ def test_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
     levels = np.array([[0, 100 * 257, 200 * 257, 65535]], np.uint16)
     cv2.imwrite(str(tmp_path / "deep.png"), levels)
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
-    assert data.read_image(str(tmp_path / "deep.png"))[0, :, 0].tolist() == [0, 100, 200, 255]
+    assert imaging.read_image(str(tmp_path / "deep.png"))[0, :, 0].tolist() == [0, 100, 200, 255]
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path):
@@ -122,7 +124,7 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path):
     cmyk[:, :8] = (0, 255, 255, 0)  # red
     cmyk[:, 8:] = (0, 0, 0, 255)  # black
     Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=100)
-    rgb = data.read_image(str(tmp_path / "cmyk.jpg")).astype(int)
+    rgb = imaging.read_image(str(tmp_path / "cmyk.jpg")).astype(int)
     assert np.abs(rgb[:, :6] - (255, 0, 0)).max() <= 8 and rgb[:, 10:].max() <= 8
 
 
@@ -131,20 +133,20 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
     path = tmp_path / "notes.jpg"
     path.write_text("shopping list")
     with pytest.raises(UserError, match=r"notes\.jpg is not an image .*convert it to JPEG or PNG"):
-        data.read_image(str(path))
+        imaging.read_image(str(path))
 
 
 def test_a_heic_photo_is_named_as_heic(tmp_path):
     path = tmp_path / "iphone.jpg"
     path.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
     with pytest.raises(UserError, match=r"iphone\.jpg is a HEIC file"):
-        data.read_image(str(path))
+        imaging.read_image(str(path))
 
 
 def test_an_empty_file_is_named(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     with pytest.raises(UserError, match=r"empty\.png is empty"):
-        data.read_image(str(tmp_path / "empty.png"))
+        imaging.read_image(str(tmp_path / "empty.png"))
 
 
 def png_chunk(kind, body):
@@ -162,14 +164,14 @@ def test_the_pixel_limit_refuses_a_bomb_from_its_header_alone(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(100_000, 100_000))
     with pytest.raises(UserError, match=r"bomb\.png is 100000x100000 = 10000\.0 megapixels.*--max-image-pixels"):
-        data.read_image(str(path))
+        imaging.read_image(str(path))
 
 
 def test_the_pixel_limit_can_be_raised(tmp_path):
     path = save_jpeg(tmp_path / "photo.jpg", STORED)
     with pytest.raises(UserError, match="over the limit of 0.001"):
-        data.read_image(path, max_pixels=1000)
-    assert data.read_image(path, max_pixels=32 * 48).shape == (32, 48, 3)
+        imaging.read_image(path, max_pixels=1000)
+    assert imaging.read_image(path, max_pixels=32 * 48).shape == (32, 48, 3)
 
 
 # ---------------------------------------------------------------- JPEG checks
@@ -177,7 +179,7 @@ def test_a_jpeg_with_data_after_its_end_is_accepted(tmp_path):
     clean = save_jpeg(tmp_path / "clean.jpg", STORED)
     motion = tmp_path / "motion.jpg"  # phones append a video or metadata after the image
     motion.write_bytes(open(clean, "rb").read() + b"\x00\x00\x00\x18ftypmp42" + bytes(20000))
-    assert np.array_equal(data.read_image(str(motion)), data.read_image(clean))
+    assert np.array_equal(imaging.read_image(str(motion)), imaging.read_image(clean))
 
 
 @pytest.mark.parametrize("keep", [0.01, 0.67], ids=["cut-in-the-header", "cut-in-the-pixels"])
@@ -186,17 +188,17 @@ def test_a_truncated_jpeg_is_refused(tmp_path, keep):
     full = open(save_jpeg(tmp_path / "full.jpg", noise), "rb").read()
     (tmp_path / "cut.jpg").write_bytes(full[:round(len(full) * keep)])
     with pytest.raises(UserError, match=r"cut\.jpg is truncated"):
-        data.read_image(str(tmp_path / "cut.jpg"))
+        imaging.read_image(str(tmp_path / "cut.jpg"))
 
 
 def test_a_progressive_jpeg_is_read_whole_and_refused_cut(tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     path = save_jpeg(tmp_path / "progressive.jpg", noise, progressive=True)
-    assert np.array_equal(data.read_image(path), np.array(Image.open(path)))
+    assert np.array_equal(imaging.read_image(path), np.array(Image.open(path)))
     full = open(path, "rb").read()
     (tmp_path / "cut.jpg").write_bytes(full[:len(full) // 2])  # cut between two of its scans' data
     with pytest.raises(UserError, match="truncated"):
-        data.read_image(str(tmp_path / "cut.jpg"))
+        imaging.read_image(str(tmp_path / "cut.jpg"))
 
 
 def test_an_exif_thumbnail_does_not_hide_a_cut_photo(tmp_path):
@@ -206,15 +208,16 @@ def test_an_exif_thumbnail_does_not_hide_a_cut_photo(tmp_path):
     photo = open(save_jpeg(tmp_path / "photo.jpg", noise), "rb").read()
     with_thumbnail = photo[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + photo[2:]
     (tmp_path / "whole.jpg").write_bytes(with_thumbnail)
-    assert np.array_equal(data.read_image(str(tmp_path / "whole.jpg")), data.read_image(str(tmp_path / "photo.jpg")))
+    assert np.array_equal(imaging.read_image(str(tmp_path / "whole.jpg")),
+                          imaging.read_image(str(tmp_path / "photo.jpg")))
     (tmp_path / "cut.jpg").write_bytes(with_thumbnail[:len(with_thumbnail) - len(photo) // 2])
     with pytest.raises(UserError, match="truncated"):
-        data.read_image(str(tmp_path / "cut.jpg"))
+        imaging.read_image(str(tmp_path / "cut.jpg"))
 
 
 def test_a_png_named_jpg_is_read_by_its_content(tmp_path):
     Image.fromarray(STORED).save(tmp_path / "really_a_png.jpg", format="PNG")
-    assert np.array_equal(data.read_image(str(tmp_path / "really_a_png.jpg")), STORED)
+    assert np.array_equal(imaging.read_image(str(tmp_path / "really_a_png.jpg")), STORED)
 
 
 # ---------------------------------------------------------------- COCO size checks
@@ -249,7 +252,7 @@ def test_folder_dataset_skips_unreadable_files_and_reports_decoding_failures(tmp
     (tmp_path / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
     full = open(tmp_path / "a.jpg", "rb").read()
     (tmp_path / "cut.jpg").write_bytes(full[:len(full) // 2])
-    folder = data.ImageFolderDataset([str(tmp_path)], data.build_transform("eval", None, 0, 1))
+    folder = data.ImageFolderDataset([str(tmp_path)], presets.build_transform("eval", None, 0, 1))
     assert [i["file_name"] for i in folder.images] == ["a.jpg", "cut.jpg", "sub/b.jpg"]
     assert len(folder.skipped) == 2  # empty and bomb, from their headers
     assert isinstance(folder[1][0], UserError)  # the cut file fails only when decoded
@@ -261,10 +264,10 @@ def test_files_folders_and_globs_are_all_accepted(tmp_path):
         save_jpeg(tmp_path / name, STORED)
     (tmp_path / "more").mkdir()
     save_jpeg(tmp_path / "more" / "z.jpg", STORED)
-    found = data.find_images([str(tmp_path / "x.jpg"), str(tmp_path / "*.jpg"), str(tmp_path / "more")])
+    found = imaging.find_images([str(tmp_path / "x.jpg"), str(tmp_path / "*.jpg"), str(tmp_path / "more")])
     assert [name for _, name in found] == ["x.jpg", "y.jpg", "z.jpg"]
     with pytest.raises(UserError, match="matches no file or folder"):
-        data.find_images([str(tmp_path / "nothing*.jpg")])
+        imaging.find_images([str(tmp_path / "nothing*.jpg")])
 
 
 # ---------------------------------------------------------------- batching mixed sizes
@@ -392,7 +395,7 @@ def write_unreadable_entries(folder):
 
 def test_links_to_nothing_and_pipes_are_skipped_unopened_and_a_cut_png_when_decoded(tmp_path, fails_if_blocked):
     write_unreadable_entries(tmp_path / "photos")
-    folder = data.ImageFolderDataset([str(tmp_path / "photos")], data.build_transform("eval", None, 0, 1))
+    folder = data.ImageFolderDataset([str(tmp_path / "photos")], presets.build_transform("eval", None, 0, 1))
     assert [info["file_name"] for info in folder.images] == ["cut.png", "ok.png"]
     photos = tmp_path / "photos"
     assert folder.skipped == [
@@ -408,9 +411,9 @@ def test_links_to_nothing_and_pipes_are_skipped_unopened_and_a_cut_png_when_deco
 def test_globs_and_named_files_take_links_to_nothing_and_pipes_as_unreadable_files(tmp_path, fails_if_blocked):
     write_unreadable_entries(tmp_path / "photos")
     photos = tmp_path / "photos"
-    found = data.find_images([str(photos / "*.jpg"), str(photos / "pipe.jpg"), str(photos / "ok.png")])
+    found = imaging.find_images([str(photos / "*.jpg"), str(photos / "pipe.jpg"), str(photos / "ok.png")])
     assert [name for _, name in found] == ["dangling.jpg", "loop.jpg", "ok.png", "pipe.jpg"]
-    transform = data.build_transform("eval", None, 0, 1)
+    transform = presets.build_transform("eval", None, 0, 1)
     folder = data.ImageFolderDataset([str(photos / "*.jpg"), str(photos / "ok.png")], transform)
     assert [info["file_name"] for info in folder.images] == ["ok.png"] and len(folder.skipped) == 3
 
@@ -429,7 +432,7 @@ def test_inference_on_a_folder_counts_links_to_nothing_pipes_and_cut_pngs(
 def png_with_exif_after_the_pixels(path, rgb, orientation):
     """A PNG whose eXIf chunk follows its pixel data (the PNG specification allows it; Pillow writes it before)."""
     exif = Image.Exif()
-    exif[data.ORIENTATION_TAG] = orientation
+    exif[imaging.ORIENTATION_TAG] = orientation
     Image.fromarray(rgb).save(path, exif=exif)
     contents, chunks, pos = path.read_bytes(), [], 8
     while pos < len(contents):
@@ -452,16 +455,16 @@ def test_the_header_scan_of_a_png_decodes_no_pixels_and_finds_exif_after_them(tm
         return real_load(image)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
-    assert data.image_size(tmp_path / "plain.png") == (300, 200)
-    assert data.image_size(tmp_path / "turned.png") == (200, 300)
+    assert imaging.image_size(tmp_path / "plain.png") == (300, 200)
+    assert imaging.image_size(tmp_path / "turned.png") == (200, 300)
     assert loads == []
-    assert np.array_equal(data.read_image(tmp_path / "turned.png"), np.rot90(noise, -1))  # the decoder agrees
+    assert np.array_equal(imaging.read_image(tmp_path / "turned.png"), np.rot90(noise, -1))  # the decoder agrees
 
 
 def test_a_float_tiff_of_0_to_1_is_scaled_to_8_bits(tmp_path):
     Image.fromarray(np.array([[0, 0.25, 0.5, 1]], np.float32)).save(tmp_path / "float.tif")
     assert Image.open(tmp_path / "float.tif").mode == "F"
-    assert data.read_image(tmp_path / "float.tif")[0].tolist() == [[0] * 3, [64] * 3, [128] * 3, [255] * 3]
+    assert imaging.read_image(tmp_path / "float.tif")[0].tolist() == [[0] * 3, [64] * 3, [128] * 3, [255] * 3]
 
 
 @pytest.mark.parametrize("levels,message", [
@@ -471,7 +474,7 @@ def test_a_float_tiff_of_0_to_1_is_scaled_to_8_bits(tmp_path):
 def test_levels_outside_their_range_are_refused_not_clipped(tmp_path, levels, message):
     Image.fromarray(levels).save(tmp_path / "levels.tif")
     with pytest.raises(UserError, match=rf"levels\.tif is {message}: save it as 8- or 16-bit"):
-        data.read_image(tmp_path / "levels.tif")
+        imaging.read_image(tmp_path / "levels.tif")
 
 
 def test_16_bit_tiffs_of_either_byte_order_are_scaled_to_8_bits(tmp_path):
@@ -479,13 +482,13 @@ def test_16_bit_tiffs_of_either_byte_order_are_scaled_to_8_bits(tmp_path):
     for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2")):
         Image.frombytes(mode, (4, 1), levels.astype(dtype).tobytes()).save(tmp_path / "deep.tif")
         assert Image.open(tmp_path / "deep.tif").mode == mode
-        assert data.read_image(tmp_path / "deep.tif")[0, :, 0].tolist() == [0, 100, 200, 255]
+        assert imaging.read_image(tmp_path / "deep.tif")[0, :, 0].tolist() == [0, 100, 200, 255]
 
 
 def test_a_tiff_pillow_cannot_read_is_named_as_a_tiff(tmp_path):
     cv2.imwrite(str(tmp_path / "colour.tif"), np.full((4, 4, 3), 0.5, np.float32))  # floating-point RGB
     with pytest.raises(UserError, match=r"colour\.tif is a TIFF that Pillow cannot read .*convert it to 8- or 16-bit"):
-        data.read_image(tmp_path / "colour.tif")
+        imaging.read_image(tmp_path / "colour.tif")
 
 
 def test_a_json_image_over_the_pixel_guard_is_not_refused_as_beyond_opencv(tmp_path):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
+import presets
 import pseudo_label as pl
 import utils
 
@@ -94,7 +96,7 @@ def test_leak_guard_drops_val_ids_only_from_the_same_json(tmp_path, val_set):
     write_manifest(tmp_path, same_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
     assert [i["image_id"] for i in data.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [3]
 
-    other = data.Coco(os.path.join(root, "other.json"), root)
+    other = coco_utils.Coco(os.path.join(root, "other.json"), root)
     other_json = {"data_root": root, "json": other.path, "json_hash": other.content_hash}
     write_manifest(tmp_path, other_json, [(1, copies[0]), (2, copies[1]), (3, copies[2])])
     assert [i["image_id"] for i in data.PseudoLabelDataset(str(tmp_path), None, exclude=val_set).items] == [1, 2, 3]
@@ -152,14 +154,14 @@ def test_manifest_round_trip_through_the_training_dataset(tmp_path, fake_ensembl
         assert json.load(f) == manifest
     assert manifest["class_names"] == CLASS_NAMES and manifest["threshold"] == 0.9
     assert manifest["checkpoints"] == [fake_ensemble]
-    assert manifest["source"]["json_hash"] == data.Coco(os.path.join(root, "test.json"), root).content_hash
+    assert manifest["source"]["json_hash"] == coco_utils.Coco(os.path.join(root, "test.json"), root).content_hash
     assert [(i["image_id"], i["mask"], i["kept"]) for i in manifest["items"]] == [
         (7, os.path.join("masks", "batch", "1.png"), 0.5), (8, os.path.join("masks", "batch", "2.png"), 0.5)]
     assert manifest["items"][0]["image"] == os.path.join(root, "batch", "1.png")
     for item in manifest["items"]:
         np.testing.assert_array_equal(data.read_label_png(os.path.join(out, item["mask"])), expected_mask())
 
-    pseudo = data.PseudoLabelDataset(out, data.build_transform("none", 16))
+    pseudo = data.PseudoLabelDataset(out, presets.build_transform("none", 16))
     assert pseudo.class_names == CLASS_NAMES and len(pseudo) == 2
     image, mask = pseudo[(1, 123)]
     assert image.shape == (3, 16, 16) and mask.dtype == torch.long
@@ -329,7 +331,7 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
     root, out = str(tiny_demo), str(tmp_path / "pseudo")
     manifest = run_pseudo_label("--checkpoints", tiny_run, "--data-root", root, "--threshold", 0.2, "--out", out,
                                 "--allow-low-keep")  # a one-epoch teacher is rarely sure
-    test_images = data.Coco(os.path.join(root, "test.json"), root)
+    test_images = coco_utils.Coco(os.path.join(root, "test.json"), root)
     assert [i["image_id"] for i in manifest["items"]] == [image["id"] for image in test_images.images]
     for item in manifest["items"]:
         mask = data.read_label_png(os.path.join(out, item["mask"]))

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-import dataset as data
+import coco_utils
 import ensemble as ensembles
+import images as imaging
 import inference
 import report
 import utils
@@ -59,7 +60,7 @@ def write_photo(path, rgb, orientation=None):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     exif = Image.Exif()
     if orientation:
-        exif[data.ORIENTATION_TAG] = orientation
+        exif[imaging.ORIENTATION_TAG] = orientation
     Image.fromarray(rgb).save(path, exif=exif)
 
 
@@ -157,7 +158,7 @@ def test_the_most_uncertain_distinct_photos_are_written_as_csv_coco_and_contact_
         {"id": 3, "file_name": "b.png", "width": WIDTH, "height": HEIGHT}]
     assert coco.dataset["annotations"] == [] and coco.loadCats(coco.getCatIds()) == [
         {"id": 1, "name": "Can"}, {"id": 2, "name": "Bottle"}]
-    unlabelled = data.Coco(tmp_path / "out" / "to_label.json", pool, expect_annotations=False)
+    unlabelled = coco_utils.Coco(tmp_path / "out" / "to_label.json", pool, expect_annotations=False)
     assert unlabelled.class_names == CLASS_NAMES and len(unlabelled.images) == 3
 
     sheet = cv2.imread(str(tmp_path / "out" / "to_label.png"))
@@ -199,7 +200,7 @@ def test_real_checkpoints_score_their_known_margin(tiny_demo, constant_checkpoin
     at every pixel; two of them voting for two classes leave p1 = p2: uncertainty 1, every pixel uncertain."""
     can, bottle = constant_checkpoint(tmp_path / "can.pt", 1), constant_checkpoint(tmp_path / "bottle.pt", 2)
     rank = ["--data-root", tiny_demo, "--rank-uncertain", 3, "--duplicate-distance", 0]
-    num_classes = len(data.Coco(tiny_demo / "test.json", tiny_demo, expect_annotations=False).class_names)
+    num_classes = len(coco_utils.Coco(tiny_demo / "test.json", tiny_demo, expect_annotations=False).class_names)
     margin = (math.exp(10) - 1) / (math.exp(10) + num_classes - 1)
     for tile in ([], ["--tile", 32]):  # whole photos in bands of rows, and window by window
         chosen = run_inference("--checkpoints", can, *rank, *tile, "--output", tmp_path / "one.csv")

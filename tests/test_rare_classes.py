@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import dataset as data
 import loss as losses
+import presets
 import train
 import utils
 
@@ -142,7 +143,7 @@ def take(mask, coords):
 @pytest.mark.parametrize("seed", range(40))
 def test_rare_crop_takes_the_first_candidate_within_the_ratio_holding_the_rare_class(seed):
     mask, tries, ratio = crop_test_mask(), 10, 0.75
-    crop = data.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=ratio, tries=tries)
+    crop = presets.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=ratio, tries=tries)
     crop.set_random_seed(seed)
     chosen = crop.get_params_dependent_on_data({"shape": mask.shape}, {"mask": mask})["crop_coords"]
     drawn = candidates(seed, mask, tries)
@@ -156,7 +157,7 @@ def test_rare_crop_takes_the_first_candidate_within_the_ratio_holding_the_rare_c
 def test_rare_crops_honour_the_ratio_far_more_often_than_plain_crops():
     mask, image = crop_test_mask(), np.zeros((100, 100, 3), np.uint8)
     plain = A.Compose([A.RandomResizedCrop(size=(32, 32), scale=(0.1, 0.5))])
-    rare = A.Compose([data.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=0.75)])
+    rare = A.Compose([presets.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=0.75)])
 
     def good_share(transform):
         results = []
@@ -170,14 +171,14 @@ def test_rare_crops_honour_the_ratio_far_more_often_than_plain_crops():
 def test_rare_crop_without_rare_class_in_the_image_only_checks_the_ratio():
     mask = crop_test_mask()
     mask[mask == 5] = 1
-    crop = data.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=0.75)
+    crop = presets.RareClassCrop(size=(32, 32), scale=(0.1, 0.5), rare_labels=[5], max_ratio=0.75)
     crop.set_random_seed(3)
     chosen = crop.get_params_dependent_on_data({"shape": mask.shape}, {"mask": mask})["crop_coords"]
     assert chosen == next(c for c in candidates(3, mask, 10) if shares(take(mask, c)).max() <= 0.75)
 
 
 def test_rare_crop_is_repeatable_through_the_pipeline_seed():
-    t = data.build_transform("light", 32, crop_rare=dict(rare_labels=[5], max_ratio=0.75))
+    t = presets.build_transform("light", 32, crop_rare=dict(rare_labels=[5], max_ratio=0.75))
     image, mask = np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8), crop_test_mask()
     outputs = []
     for _ in range(2):
@@ -185,7 +186,7 @@ def test_rare_crop_is_repeatable_through_the_pipeline_seed():
         outputs.append(t(image=image, mask=mask))
     assert torch.equal(outputs[0]["image"], outputs[1]["image"]) and torch.equal(outputs[0]["mask"], outputs[1]["mask"])
     with pytest.raises(ValueError, match="light or strong"):
-        data.build_transform("none", 32, crop_rare=dict(rare_labels=[5]))
+        presets.build_transform("none", 32, crop_rare=dict(rare_labels=[5]))
 
 
 def test_crop_rare_classes_option_names_unknown_classes(tmp_path):

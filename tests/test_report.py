@@ -1,7 +1,6 @@
 """Reports: their numbers equal the metric's and hand counts, their PNGs and HTML are whole."""
 import html.parser
 import json
-import os
 import sys
 
 import numpy as np
@@ -9,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+import compare_runs
 import dataset as data
+import dataset_tool
 import inference
 import report
 import train
 import utils
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "unet", "--encoder", "test_resnet", "--size", "64", "--batch-size", "2", "--workers", "0",
         "--device", "cpu", "--epochs", "1"]
 
@@ -170,8 +170,9 @@ def test_report_without_eval_is_a_user_error(demo_root, fold_runs, tmp_path):
 def test_dataset_report_counts_equal_the_hand_counts(write_hand_made_set, tmp_path, capsys):
     expected = write_hand_made_set(tmp_path)
     out = tmp_path / "report"
-    data.main(data.get_args_parser().parse_args(["summary", "--root", str(tmp_path), "--json", "all.json",
-                                                 "--report", str(out), "--fold", "0", "--n-folds", "2"]))
+    dataset_tool.main(dataset_tool.get_args_parser().parse_args(["summary", "--root", str(tmp_path), "--json",
+                                                                 "all.json", "--report", str(out), "--fold", "0",
+                                                                 "--n-folds", "2"]))
     assert "wrote" in capsys.readouterr().out  # the text summary is still printed first
     numbers = check_report_folder(out)
     assert {key: numbers[key] for key in expected} == expected
@@ -198,9 +199,6 @@ def test_samples_cover_the_rarest_classes_before_random_ones():
 
 # ---------------------------------------------------------------- run comparison
 def test_compare_runs_report(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import compare_runs
-
     for run, mious in (("a", [0.2, 0.5]), ("b", [0.4, 0.3])):
         history = [{"epoch": epoch, "miou": miou, "iou": {"Background": 0.9, "Can": miou, "Jar": None}}
                    for epoch, miou in enumerate(mious)]

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 
+import coco_utils
 import dataset
 import export
 import utils
@@ -29,7 +30,7 @@ def test_inference_export_and_pseudo_labels_read_the_runs_own_data_root(own_run,
                                                                          run_inference, run_pseudo_label, capsys):
     run_inference("--checkpoints", own_run, "--output", tmp_path / "submission.csv")
     rows = utils.read_submission(tmp_path / "submission.csv", 11)
-    test_json = dataset.Coco(tiny_demo / "test.json", tiny_demo, expect_annotations=False)
+    test_json = coco_utils.Coco(tiny_demo / "test.json", tiny_demo, expect_annotations=False)
     assert list(rows) == [image["file_name"] for image in test_json.images]
     assert f"data root {tiny_demo}, the checkpoints' own" in capsys.readouterr().out
 

@@ -43,7 +43,8 @@ def subcommands(parser):
 
 
 def test_the_scripts_are_found():
-    assert {"train.py", "pseudo_label.py", "dataset.py", "benchmarks/gpu_check.py"} <= set(SCRIPTS)
+    assert {"train.py", "pseudo_label.py", "dataset_tool.py", "compare_runs.py",
+            "benchmarks/gpu_check.py"} <= set(SCRIPTS)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

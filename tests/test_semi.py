@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import dataset
+import images as imaging
 import semi
 import utils
 
@@ -137,7 +137,7 @@ def test_unlabeled_photos_from_jsons_folders_and_files_skip_unreadable_ones(tiny
     photos.mkdir()
     cv2.imwrite(str(photos / "a.png"), np.full((20, 30, 3), 128, np.uint8))
     (photos / "broken.jpg").write_bytes(b"not an image")
-    images, skipped = semi.find_unlabeled([tiny_demo / "test.json", photos], dataset.MAX_IMAGE_PIXELS)
+    images, skipped = semi.find_unlabeled([tiny_demo / "test.json", photos], imaging.MAX_IMAGE_PIXELS)
     assert len(images) == 3 + 1 and len(skipped) == 1 and "broken.jpg" in skipped[0]
     assert all(os.path.isfile(info["path"]) for info in images)
 

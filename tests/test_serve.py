@@ -16,8 +16,9 @@ import torch
 import uvicorn
 from PIL import Image
 
-import dataset as data
+import coco_utils
 import ensemble as ensembles
+import images as imaging
 import serve
 import utils
 from browser import chromium, free_port, start_script, stop  # noqa: F401  (chromium: a fixture)
@@ -33,15 +34,15 @@ def demo_root(demo_set):
 
 @pytest.fixture(scope="module")
 def checkpoint(demo_root, write_checkpoint):
-    names = data.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
+    names = coco_utils.Coco(demo_root / "test.json", demo_root, expect_annotations=False).class_names
     return write_checkpoint(demo_root / utils.BEST_CHECKPOINT, names)
 
 
 @pytest.fixture(scope="module")
 def photo(demo_root):
-    """A demo image as a PNG of the pixels dataset.read_image decodes (JPEG decoders may differ by a level)."""
-    coco = data.Coco(demo_root / "test.json", demo_root, expect_annotations=False)
-    rgb = data.read_image(coco.image_path(coco.images[0]))
+    """A demo image as a PNG of the pixels images.read_image decodes (JPEG decoders may differ by a level)."""
+    coco = coco_utils.Coco(demo_root / "test.json", demo_root, expect_annotations=False)
+    rgb = imaging.read_image(coco.image_path(coco.images[0]))
     path = demo_root / "photo.png"
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     return path, rgb
@@ -279,7 +280,7 @@ def test_the_page_shows_the_mask_and_legend_in_chromium(chromium, checkpoint, ph
         chromium.find_element(By.ID, "file").send_keys(str(path))
         WebDriverWait(chromium, 60).until(lambda d: d.find_element(By.ID, "overlay").get_attribute("data-ready"))
         legend = [item.get_attribute("data-class") for item in chromium.find_elements(By.CSS_SELECTOR, "#legend li")]
-        names = data.Coco(path.parent / "test.json", path.parent, expect_annotations=False).class_names
+        names = coco_utils.Coco(path.parent / "test.json", path.parent, expect_annotations=False).class_names
         expected = expected_mask(checkpoint, rgb)
         assert sorted(legend) == sorted(names[i] for i in np.unique(expected))
         size = chromium.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height];")

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+import coco_utils
 import dataset as data
 import demo
 import ensemble as ensembles
 import export
+import images as imaging
 import inference
 import train
 import utils
@@ -58,8 +60,9 @@ def labels(ensemble, image):
 
 def photos(root, count):
     """The first `count` demo photos, uint8 3 x H x W."""
-    coco = data.Coco(os.path.join(root, "train_all.json"), str(root))
-    return [torch.from_numpy(data.read_image(coco.image_path(info))).permute(2, 0, 1) for info in coco.images[:count]]
+    coco = coco_utils.Coco(os.path.join(root, "train_all.json"), str(root))
+    return [torch.from_numpy(imaging.read_image(coco.image_path(info))).permute(2, 0, 1)
+            for info in coco.images[:count]]
 
 
 def resized(image, side):

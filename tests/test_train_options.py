@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import coco_utils
 import dataset as data
 import loss as losses
 import model as models
@@ -24,7 +25,7 @@ def global_step(run):
 
 # ---------------------------------------------------------------- --fold
 def test_fold_trains_and_validates_on_its_share_of_all_json(tiny_demo, tiny_train_argv):
-    coco = data.Coco(str(tiny_demo / "train_all.json"), str(tiny_demo))
+    coco = coco_utils.Coco(str(tiny_demo / "train_all.json"), str(tiny_demo))
     folds = data.kfold_splits(coco, 3, seed=0)
     mean, std = models.encoder_normalization("test_resnet")
     seen_in_val = []
@@ -49,7 +50,7 @@ def test_extra_json_images_are_trained_on(tiny_demo_copy, tiny_run, run_train, t
     run_train(tiny_demo_copy, "--epochs", 1, "--output", tmp_path / "run", "--extra-json", extra, "--no-preflight")
     assert global_step(tiny_run) == BATCHES_PER_EPOCH
     assert global_step(tmp_path / "run") == BATCHES_PER_EPOCH + 2  # 8 + 4 images in batches of 2
-    val = data.Coco(str(tiny_demo_copy / "val.json"), str(tiny_demo_copy))
+    val = coco_utils.Coco(str(tiny_demo_copy / "val.json"), str(tiny_demo_copy))
     val_paths = [os.path.realpath(val.image_path(image)) for image in val.images]
     # each read twice: once trained on, once validated
     assert sorted(path for path in image_reads if path in val_paths) == sorted(val_paths * 2)

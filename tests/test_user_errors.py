@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import coco_utils
 import dataset as data
 import ensemble as ensembles
 import model as models
@@ -52,13 +53,13 @@ class Case:
 
     def val_images_manifest(self):
         """A pseudo-label manifest whose only photo is a validation image of the demo's train/val split."""
-        coco = data.Coco(str(self.root / "val.json"), str(self.root))
+        coco = coco_utils.Coco(str(self.root / "val.json"), str(self.root))
         image = coco.images[0]
         return {"class_names": coco.class_names, "threshold": 0.5, "checkpoints": [], "source": {},
                 "items": [{"image": coco.image_path(image), "image_id": image["id"], "mask": "masks/x.png"}]}
 
 
-NO_JSON_READ = ("dataset", "Coco")  # the check comes before any json (and so any image) is read
+NO_JSON_READ = ("coco_utils", "Coco")  # the check comes before any json (and so any image) is read
 NO_MODEL_BUILT = ("ensemble", "build_ensemble")  # before any fold's model predicts
 
 # case: (script, argv(case), the line after "error: " (formatted with root=, tmp=), what must not run)
@@ -141,13 +142,13 @@ CASES = {
         NO_MODEL_BUILT),
     # summary: a --root that does not exist, so these checks are shown to come before any data is read
     "summary --fold without --report": (
-        "dataset.py", lambda c: ["summary", "--root", c.tmp / "none", "--fold", "0"],
+        "dataset_tool.py", lambda c: ["summary", "--root", c.tmp / "none", "--fold", "0"],
         "summary --fold charts that fold's class balance in the report: add --report DIR, or drop --fold", None),
     "summary --fold out of range": (
-        "dataset.py", lambda c: ["summary", "--root", c.tmp / "none", "--report", c.tmp / "report", "--fold", "7"],
+        "dataset_tool.py", lambda c: ["summary", "--root", c.tmp / "none", "--report", c.tmp / "report", "--fold", "7"],
         "--fold must be in 0..4 (--n-folds 5), not 7", None),
     "summary --n-folds 1": (
-        "dataset.py", lambda c: ["summary", "--root", c.tmp / "none", "--report", c.tmp / "report", "--fold", "0",
+        "dataset_tool.py", lambda c: ["summary", "--root", c.tmp / "none", "--report", c.tmp / "report", "--fold", "0",
                                  "--n-folds", "1"],
         "--n-folds must be 2 or more (one fold validates, the others train), not 1", None),
 }
@@ -169,7 +170,7 @@ def test_user_errors_end_in_one_line_with_the_advice(name, case, script_error, m
         def refuse(*args, **kwargs):
             raise AssertionError(f"{module}.{attribute} ran before the check")
 
-        monkeypatch.setattr({"dataset": data, "ensemble": ensembles}[module], attribute, refuse)
+        monkeypatch.setattr({"coco_utils": coco_utils, "ensemble": ensembles}[module], attribute, refuse)
     expected = line.format(root=case.root, tmp=case.tmp, run=case.run())
     assert script_error(script, *argv) == f"error: {expected}"
 

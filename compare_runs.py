@@ -1,8 +1,8 @@
 """Side-by-side validation scores of finished training runs, from each run folder's metrics.json.
 
-    python benchmarks/compare_runs.py runs/tb-seed0 runs/tb-seed1 runs/tb-seed2
-    python benchmarks/compare_runs.py runs/cp-off runs/cp-on --best
-    python benchmarks/compare_runs.py runs/a runs/b --report reports/a-vs-b   # charts + index.html
+    python compare_runs.py runs/tb-seed0 runs/tb-seed1 runs/tb-seed2
+    python compare_runs.py runs/cp-off runs/cp-on --best
+    python compare_runs.py runs/a runs/b --report reports/a-vs-b   # charts + index.html
 
 Prints per-class IoU and mIoU of each run's last validation (or, with --best, its best one)
 and, for several runs, their mean. With --report, also plots validation mIoU over epochs and
@@ -11,15 +11,12 @@ the per-class IoU side by side (docs/reports.md).
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import dataset as data  # noqa: E402
-import utils  # noqa: E402
-from report import as_number, write_run_comparison  # noqa: E402
+import coco_utils
+import utils
+from report import as_number, write_run_comparison
 
 
 def read_history(run):
@@ -38,7 +35,7 @@ def pick_record(history, best):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders written by train.py")
     parser.add_argument("--best", action="store_true", help="each run's best validation instead of its last")
     parser.add_argument("--report", default=None, metavar="DIR", help="also write charts and index.html here")
@@ -50,8 +47,8 @@ def compare(args):
     records = [pick_record(history, args.best) for history in histories]
     names, first = list(records[0]["iou"]), os.path.join(args.runs[0], "metrics.json")
     for run, record in zip(args.runs, records):
-        data.check_same_classes(os.path.join(run, "metrics.json"), record["iou"], first, names,
-                                fix="compare runs trained on the same classes")
+        coco_utils.check_same_classes(os.path.join(run, "metrics.json"), record["iou"], first, names,
+                                      fix="compare runs trained on the same classes")
     rows = names + ["mIoU"]
     table = np.array([[as_number(r["iou"][n]) for n in names] + [r["miou"]] for r in records]).T
     labels = run_labels(args.runs)
