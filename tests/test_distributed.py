@@ -212,7 +212,7 @@ def test_only_rank_zero_writes_and_resume_continues(ddp_run):
     assert set(os.listdir(run)) == RUN_FILES
     assert len(os.listdir(os.path.join(run, "tb"))) == 2  # one event file per run, both from rank 0
     assert printed.count(f"checkpoints in {run}\n") == 2
-    assert "at epoch 1, step 0" in printed  # the second run resumed where the first stopped
+    assert "at the end of epoch 1" in printed  # the second run resumed where the first stopped
     checkpoint = utils.load_checkpoint(os.path.join(run, utils.LAST_CHECKPOINT))
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2 * TRAIN_IMAGES // (WORLD_SIZE * BATCH_SIZE)
 
