@@ -61,8 +61,8 @@ def get_args_parser():
     p.add_argument("--eval-json", default=None, metavar="JSON",
                    help="with --int8: a labelled json under --data-root (e.g. val.json) on which float and int8 "
                         "mIoU are compared (default: only their agreement on the calibration photos is reported)")
-    p.add_argument("--max-miou-drop", type=utils.probability, default=0.01,
-                   help="with --eval-json: the largest mIoU loss of the int8 model allowed")
+    p.add_argument("--max-miou-drop", type=float, default=0.01,
+                   help="with --eval-json: the largest mIoU loss of the int8 model allowed (a negative limit refuses every file: a check of the gate)")
     return p
 
 
