@@ -12,6 +12,7 @@ The method follows FixMatch (Sohn et al. 2020) as UniMatch (Yang et al. 2023) ap
 segmentation: the teacher labels the weak view, the student learns those labels on a strong view
 whose CutMix boxes carry their pseudo-labels with them.
 """
+import contextlib
 import math
 import os
 
@@ -119,8 +120,10 @@ class UnlabeledStreamSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------- strong views
+# Hue moves as little as the labelled presets' (0.03): colour tells classes apart (brown paper, green
+# glass), and UniMatch's 0.25 turns one class's colour into another's.
 STRONG_PHOTOMETRIC = v2.Compose([
-    v2.RandomApply([v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.25)], p=0.8),
+    v2.RandomApply([v2.ColorJitter(brightness=0.5, contrast=0.5, saturation=0.5, hue=0.03)], p=0.8),
     v2.RandomGrayscale(p=0.2),
     v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=0.5),
 ])
@@ -156,6 +159,26 @@ def cutmix(images, labels, boxes):
     mixed_images = torch.where(boxes[:, None], images.roll(-1, dims=0), images)
     mixed_labels = torch.where(boxes, labels.roll(-1, dims=0), labels)
     return mixed_images, mixed_labels
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model):
+    """BatchNorm layers normalise by the batch's statistics but leave their running ones unchanged.
+
+    The running statistics are what evaluation and the EMA teacher normalise by: they should describe
+    photos as they come, not the strong views' jittered, greyed and blurred ones.
+    """
+    layers = [m for m in model.modules()
+              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(layer.momentum, layer.num_batches_tracked.clone()) for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for layer, (momentum, tracked) in zip(layers, saved):
+            layer.momentum = momentum
+            layer.num_batches_tracked.copy_(tracked)  # read by momentum=None layers
 
 
 # ---------------------------------------------------------------- pseudo-labels and their loss

@@ -438,8 +438,9 @@ def consistency_loss(state, images, masks, weak, args):
     """The labelled loss plus the ramped-up unlabelled one (FixMatch as UniMatch applies it).
 
     The EMA teacher labels the weak views; the student sees strong views of them (colour jitter, grey,
-    blur, then CutMix carrying the pseudo-labels along) in one forward with the labelled batch, so
-    BatchNorm and DDP see one batch per step.
+    blur, then CutMix carrying the pseudo-labels along) in a forward of their own, whose BatchNorm
+    statistics stay out of the running ones: one forward of both batches normalised the labelled
+    photos by jittered ones and cost 0.07 mIoU on the demo set (docs/semi-supervised.md).
     """
     model, teacher = state["model"], state["teacher"]
     mean, std = state["normalization"]
@@ -452,12 +453,11 @@ def consistency_loss(state, images, masks, weak, args):
     state["confident"].update(pseudo, labels)
     strong, pseudo = semi.cutmix(strong, pseudo, semi.cutmix_boxes(len(strong), *strong.shape[-2:]))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    batch = torch.cat([images, strong]).contiguous(memory_format=memory_format)
     with utils.autocast(args.device, args.amp):
-        outputs = model(batch)
-    n = len(images)
-    labelled = outputs[:n] if torch.is_tensor(outputs) else [output[:n] for output in outputs]
-    student_logits = (outputs if torch.is_tensor(outputs) else outputs[0])[n:]
+        labelled = model(images)
+        with semi.running_stats_frozen(model):
+            outputs = model(strong.contiguous(memory_format=memory_format))
+    student_logits = outputs if torch.is_tensor(outputs) else outputs[0]
     weight = args.unsup_weight * semi.rampup(state["global_step"], state["rampup_steps"])
     return (state["criterion"](labelled, masks)
             + weight * semi.unsupervised_loss(student_logits, pseudo, state["class_weights"]))

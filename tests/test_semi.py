@@ -1,5 +1,5 @@
 """semi.py: known answers for the EMA teacher, the confidence mask, CutMix of images with their
-pseudo-labels, the unsupervised loss, its ramp-up and the resumable, sharded unlabelled stream."""
+pseudo-labels, the BatchNorm statistics of strong views, the unsupervised loss, its ramp-up and the resumable, sharded unlabelled stream."""
 import json
 import math
 import os
@@ -82,6 +82,22 @@ def test_unsupervised_loss_counts_confident_pixels_and_divides_by_all():
     assert semi.unsupervised_loss(logits, targets).item() == pytest.approx(math.log(4) / 4)
     weights = torch.tensor([1.0, 1.0, 3.0, 1.0])
     assert semi.unsupervised_loss(logits, targets, weights).item() == pytest.approx(3 * math.log(4) / 4)
+
+
+def test_strong_views_normalise_by_their_batch_but_leave_the_running_statistics_alone():
+    layers = torch.nn.ModuleList([torch.nn.BatchNorm2d(1), torch.nn.BatchNorm2d(1, momentum=None)]).train()
+    batch = torch.tensor([1.0, 3.0, 5.0, 7.0]).reshape(4, 1, 1, 1)  # mean 4, biased variance 5
+    with semi.running_stats_frozen(layers):
+        for layer in layers:
+            torch.testing.assert_close(layer(batch), (batch - 4) / math.sqrt(5 + 1e-5))
+    for layer in layers:
+        assert layer.running_mean.item() == 0.0 and layer.running_var.item() == 1.0
+        assert layer.num_batches_tracked.item() == 0
+    assert layers[0].momentum == 0.1 and layers[1].momentum is None
+    for layer in layers:  # outside, the running statistics move again
+        layer(batch)
+    assert layers[0].running_mean.item() == pytest.approx(0.4)  # 0.9 * 0 + 0.1 * 4
+    assert layers[1].running_mean.item() == pytest.approx(4.0)  # cumulative, and this is its first batch
 
 
 def test_rampup_rises_from_exp_minus_5_to_1_and_stays():
