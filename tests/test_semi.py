@@ -185,3 +185,19 @@ def test_ema_is_validated_beside_the_model_and_best_pt_holds_the_better_weights(
     for key, value in expected.items():
         assert torch.equal(best["state_dict"][key], value), key
     assert not all(torch.equal(last["state_dict"][k], v) for k, v in last["ema_state_dict"].items())
+
+
+def test_label_next_benchmark_adds_the_picks_with_their_own_annotations(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import label_next
+
+    full = {"categories": [{"id": 1, "name": "x"}],
+            "images": [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2, 3, 4)],
+            "annotations": [{"id": 10 * i, "image_id": i} for i in (1, 2, 3, 4)] + [{"id": 41, "image_id": 4}]}
+    start = {**full, "images": full["images"][:1], "annotations": full["annotations"][:1]}
+    grown = label_next.with_labels_of(start, full, {"4.jpg", "2.jpg"})
+    assert [image["id"] for image in grown["images"]] == [1, 2, 4]
+    assert sorted(a["id"] for a in grown["annotations"]) == [10, 20, 40, 41]
+    assert grown["categories"] == full["categories"] and start["images"] == full["images"][:1]
+    with pytest.raises(SystemExit, match="1 picked photos are not in the full json"):
+        label_next.with_labels_of(start, full, {"4.jpg", "9.jpg"})
