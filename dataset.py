@@ -511,13 +511,14 @@ def fold_image_ids(coco, fold, n_splits=5, seed=0):
     return [image["id"] for image in coco.images if image["id"] not in val], val_ids
 
 
-def write_subset(root, json_name, n, seed=0, unlabeled_rest=False):
+def write_subset(root, json_name, n, seed=0, unlabeled_rest=False, overwrite=False):
     """Split a json's images into `n` drawn at random (seeded) and the rest.
 
     Writes STEM_N.json and STEM_N_rest.json next to it, each with its images'
     annotations (e.g. few-label experiments: train on one, pseudo-label the other);
     with `unlabeled_rest`, STEM_N_unlabeled.json instead, the rest without annotations
-    (an unlabelled pool for train.py --unlabeled).
+    (an unlabelled pool for train.py --unlabeled). A file of those names that holds something
+    else is kept, and nothing is written, unless `overwrite`.
     """
     path = os.path.join(root, json_name)
     coco_utils.Coco(path, root)  # refuses a json the training would refuse, before anything is written
@@ -529,15 +530,29 @@ def write_subset(root, json_name, n, seed=0, unlabeled_rest=False):
                         f"pass another --n")
     chosen = set(np.random.default_rng(seed).choice(image_ids, n, replace=False).tolist())
     stem = os.path.splitext(json_name)[0]
-    written = []
     rest = f"_{n}_unlabeled" if unlabeled_rest else f"_{n}_rest"
+    parts = {}
     for suffix, inside in ((f"_{n}", True), (rest, False)):
-        part = dict(coco, images=[im for im in coco["images"] if (im["id"] in chosen) == inside],
-                    annotations=[a for a in coco.get("annotations", [])
-                                 if (a["image_id"] in chosen) == inside and (inside or not unlabeled_rest)])
-        written.append(os.path.join(root, stem + suffix + ".json"))
-        atomic_write_json(written[-1], part)
-    return written
+        parts[os.path.join(root, stem + suffix + ".json")] = dict(
+            coco, images=[im for im in coco["images"] if (im["id"] in chosen) == inside],
+            annotations=[a for a in coco.get("annotations", [])
+                         if (a["image_id"] in chosen) == inside and (inside or not unlabeled_rest)])
+    different = [path for path, part in parts.items() if os.path.exists(path) and read_json(path) != part]
+    if different and not overwrite:
+        raise UserError(f"{different[0]} exists and holds another subset: pass --overwrite to replace it, or "
+                        f"another --seed or --n")
+    for path, part in parts.items():
+        atomic_write_json(path, part)
+    return list(parts)
+
+
+def read_json(path):
+    """The json at `path`, or None where it is not valid json (so that it compares unequal to any subset)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- demo data

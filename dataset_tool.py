@@ -49,6 +49,8 @@ def get_args_parser():
     subset.add_argument("--seed", type=int, default=0, help="seed of the random choice of images")
     subset.add_argument("--unlabeled-rest", action="store_true",
                         help="write the rest without annotations, as STEM_N_unlabeled.json (for train.py --unlabeled)")
+    subset.add_argument("--overwrite", action="store_true",
+                        help="replace subset files of the same names that hold another subset")
     return parser
 
 
@@ -60,7 +62,8 @@ def main(args):
     data.prepare_data_root(args.root)
     coco_utils.require_json(args.root, args.json, "--json")
     if args.command == "subset":
-        print("wrote " + " and ".join(data.write_subset(args.root, args.json, args.n, args.seed, args.unlabeled_rest)))
+        print("wrote " + " and ".join(data.write_subset(args.root, args.json, args.n, args.seed, args.unlabeled_rest,
+                                                          args.overwrite)))
         return
     dataset = summarise(args.root, args.json, args.paint_order)
     if args.report:

@@ -16,7 +16,7 @@ import dataset
 from coco_utils import Coco, MaskCache, build_mask, decode_annotation
 from dataset import SegmentationDataset, fold_image_ids, kfold_splits
 from presets import LutNormalize, build_transform
-from utils import IMAGENET_MEAN, IMAGENET_STD
+from utils import IMAGENET_MEAN, IMAGENET_STD, UserError
 
 H, W = 32, 32
 CATEGORIES = [{"id": 1, "name": "paper"}, {"id": 2, "name": "plastic"}]
@@ -530,3 +530,15 @@ def test_subset_splits_images_with_their_annotations(tmp_path):
     assert {im["id"] for im in labelled["images"]} == chosen_ids and len(labelled["annotations"]) == 2
     assert {im["id"] for im in pool["images"]} == rest_ids and pool["annotations"] == []
     assert os.path.isfile(tmp_path / "train_2_unlabeled.json")
+
+
+def test_subset_keeps_a_file_of_its_name_that_holds_something_else(tmp_path):
+    write_coco(str(tmp_path), [annotation(10 + i, i, 1, [rect(2, 2, 10, 10)]) for i in range(1, 7)],
+               images=[image_entry(i) for i in range(1, 7)])
+    mine = tmp_path / "train_2.json"
+    mine.write_text('{"mine": true}')
+    with pytest.raises(UserError, match="train_2.json exists and holds another subset: pass --overwrite"):
+        dataset.write_subset(str(tmp_path), "train.json", 2, seed=5)
+    assert mine.read_text() == '{"mine": true}' and not (tmp_path / "train_2_rest.json").exists()
+    written = dataset.write_subset(str(tmp_path), "train.json", 2, seed=5, overwrite=True)
+    assert len(json.load(open(written[0]))["images"]) == 2
