@@ -12,7 +12,6 @@ import re
 import pytest
 import torch
 
-import coco_utils
 import dataset
 import loss as losses
 import train

@@ -6,7 +6,6 @@ the training photos.
 """
 import os
 
-import numpy as np
 import pytest
 import torch
 

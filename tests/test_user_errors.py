@@ -5,7 +5,6 @@ file at fault, what is wrong and what to do next. The cases stop before any trai
 those marked so stop before any json is read (or any model is built).
 """
 import json
-import os
 
 import numpy as np
 import pytest
