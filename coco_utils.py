@@ -41,6 +41,19 @@ def require_json(root, json_name, flag):
     raise UserError(f"{path} does not exist: pass {flag} with one of {jsons or 'the jsons in ' + folder}")
 
 
+def find_photos(paths):
+    """(absolute path, file name) of the photos that folders (recursively), globs, files and COCO jsons
+    name; a json gives its images, relative to its own folder, and its labels, if any, are not read."""
+    found = []
+    for path in paths:
+        if os.fspath(path).lower().endswith(".json") and os.path.isfile(path):
+            coco = Coco(path, os.path.dirname(os.path.abspath(path)), expect_annotations=False)
+            found += [(os.path.abspath(coco.image_path(info)), info["file_name"]) for info in coco.images]
+        else:
+            found += imaging.find_images([path])
+    return found
+
+
 class Coco:
     """A checked COCO json: images, annotations per image, and the class list.
 

@@ -147,14 +147,8 @@ def check_int8_flags(args):
 
 def calibration_paths(patterns, count):
     """Up to `count` readable photos of the files, folders, globs and COCO jsons given, spread evenly."""
-    found = []
-    for pattern in patterns:
-        if os.fspath(pattern).lower().endswith(".json"):
-            coco = coco_utils.Coco(pattern, os.path.dirname(os.path.abspath(pattern)), expect_annotations=False)
-            found += [(coco.image_path(info), info["file_name"]) for info in coco.images]
-        else:
-            found += imaging.find_images([pattern])
-    images, _ = imaging.readable_images(sorted(dict(found).items()), imaging.MAX_IMAGE_PIXELS, patterns)
+    found = dict(coco_utils.find_photos(patterns))  # a photo named twice is calibrated on once
+    images, _ = imaging.readable_images(sorted(found.items()), imaging.MAX_IMAGE_PIXELS, patterns)
     picks = np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int)
     return [images[i]["path"] for i in picks]
 

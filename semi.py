@@ -14,7 +14,6 @@ whose CutMix boxes carry their pseudo-labels with them.
 """
 import contextlib
 import math
-import os
 
 import albumentations as A
 import numpy as np
@@ -53,14 +52,7 @@ def weak_view_transform(size):
 def find_unlabeled(paths, max_pixels):
     """(image records, reasons skipped) of the photos that folders (recursively), globs, files and
     COCO jsons (their images; labels, if any, unread) name; unreadable headers skipped and counted."""
-    found = []
-    for path in paths:
-        if os.fspath(path).lower().endswith(".json") and os.path.isfile(path):
-            coco = coco_utils.Coco(path, os.path.dirname(os.path.abspath(path)), expect_annotations=False)
-            found += [(os.path.abspath(coco.image_path(info)), info["file_name"]) for info in coco.images]
-        else:
-            found += imaging.find_images([path])
-    return imaging.readable_images(found, max_pixels, paths)
+    return imaging.readable_images(coco_utils.find_photos(paths), max_pixels, paths)
 
 
 class UnlabeledDataset(torch.utils.data.Dataset):
