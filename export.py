@@ -48,7 +48,8 @@ def get_args_parser():
     p.add_argument("--data-root", default=None,
                    help="dataset whose images check the export (default: the one the checkpoint was trained on, "
                         "else the demo set)")
-    p.add_argument("--json", default="test.json", help="images to check with, relative to --data-root")
+    p.add_argument("--json", default=None,
+                   help="images to check with, relative to --data-root (default: test.json, else the run's val json)")
     p.add_argument("--check-images", type=int, default=8, help="how many of its images to compare on")
     p.add_argument("--max-prob-diff", type=utils.non_negative_float, default=1e-4, help="largest allowed probability difference")
     p.add_argument("--min-agreement", type=utils.probability, default=0.999, help="smallest allowed argmax agreement")
@@ -174,6 +175,17 @@ def labelled_set(args, checkpoint, source):
     coco_utils.check_same_classes(dataset.coco.path, dataset.class_names, source, checkpoint["class_names"],
                             fix="pass an --eval-json labelled with the checkpoint's classes")
     return dataset
+
+
+def check_json(data_root, run_args):
+    """test.json, else the run's val or train json: any photos check an export, and a dataset of one's
+    own may have no test split."""
+    names = ["test.json", run_args.get("val_json"), run_args.get("train_json")]
+    for name in filter(None, names):
+        if os.path.isfile(os.path.join(data_root, name)):
+            return name
+    raise utils.UserError(f"none of {[n for n in names if n]} is in {data_root}: pass --json with a json of photos "
+                          f"to check the export with")
 
 
 def check_images(data_root, json_name, count, size):
@@ -319,7 +331,8 @@ def main(args):
     size = args.size or checkpoint["image_size"]
     args.data_root = ensembles.run_data_root(args.data_root, [checkpoint.get("args", {}).get("data_root")])
     data.prepare_data_root(args.data_root)
-    images = check_images(args.data_root, args.json, args.check_images, size)
+    json_name = args.json or check_json(args.data_root, checkpoint.get("args", {}))
+    images = check_images(args.data_root, json_name, args.check_images, size)
     if args.int8:  # every photo and json found before any work
         calibration = calibration_paths(args.calibration, args.calibration_size)
         labelled = labelled_set(args, checkpoint, path) if args.eval_json else None
@@ -346,7 +359,7 @@ def main(args):
         f.write(proto.SerializeToString())
     diff = "" if result["diff"] is None else f"max probability difference {result['diff']:.2g}, "
     print(f"wrote {args.output} ({size}x{size}, {'labels' if args.labels else 'probabilities'}) from {path}; "
-          f"onnxruntime vs PyTorch on {len(images)} images: {diff}"
+          f"onnxruntime vs PyTorch on {len(images)} images of {json_name}: {diff}"
           f"argmax agreement {100 * result['agreement']:.3f} %")
     return result
 

@@ -64,3 +64,16 @@ def test_photos_need_no_data_root(tmp_path, run_inference, constant_checkpoint, 
     rows = utils.read_submission(tmp_path / "photos.csv", 11)
     assert sorted(rows) == sorted(path.name for path in (tiny_demo / "batch_04_test").iterdir())
     assert all((mask == 1).all() for mask in rows.values())  # the checkpoint's own predictions: label 1 everywhere
+
+
+@pytest.mark.slow
+def test_export_checks_on_the_runs_val_json_when_the_data_root_has_no_test_json(tiny_demo, constant_checkpoint,
+                                                                                  tmp_path, no_demo, capsys):
+    root = shutil.copytree(tiny_demo, tmp_path / "own")
+    (root / "test.json").unlink()  # as in a dataset of one's own, split into train and val only
+    checkpoint = constant_checkpoint(tmp_path / "own.pt", 1, data_root=str(root))
+    onnx_path = tmp_path / "model.onnx"
+    export.main(export.get_args_parser().parse_args(["--checkpoint", str(checkpoint), "--output", str(onnx_path),
+                                                     "--check-images", "2"]))
+    assert onnx_path.is_file()
+    assert "val.json" in capsys.readouterr().out
