@@ -8,7 +8,7 @@ PseudoLabelDataset, RatioMix); item keys and samplers (SeededConcatDataset, Resu
 RepeatFactorSampler); rare classes (rarest_classes, image_labels, repeat_factors); k-fold splits and
 subsets (kfold_splits, fold_image_ids, write_subset); the data root (prepare_data_root, ensure_demo).
 The json checks and masks are in coco_utils.py, image reading in images.py, augmentation in presets.py,
-and the command line (summary, subset, make-demo) in dataset_tool.py.
+and the command line (summary, subset) in dataset_tool.py.
 """
 import bisect
 import collections

@@ -1,4 +1,4 @@
-"""Summarise a dataset, chart it, or split off a subset (`make-demo` is an alias of demo.py):
+"""Summarise a dataset, chart it, or split off a subset (`python demo.py` builds the demo set):
 
     python dataset_tool.py summary --root data/demo --json train_all.json
     python dataset_tool.py summary --root data/demo --json train_all.json --report reports/demo --fold 0   # charts
@@ -8,7 +8,6 @@ import argparse
 
 import coco_utils
 import dataset as data
-import demo
 from utils import HelpFormatter, UserError, format_class_table, run_main
 
 
@@ -27,8 +26,6 @@ def summarise(root, json_name, paint_order="area"):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo.add_demo_args(commands.add_parser("make-demo", help="build the synthetic demo dataset (as python demo.py)",
-                                          formatter_class=HelpFormatter))
     summary = commands.add_parser("summary", help="annotation and pixel counts per class",
                                   formatter_class=HelpFormatter)
     summary.add_argument("--root", default=data.DEFAULT_DATA_ROOT, help="data root (the demo set is built if missing)")
@@ -55,8 +52,6 @@ def get_args_parser():
 
 
 def main(args):
-    if args.command == "make-demo":
-        return demo.main(args)
     if args.command == "summary" and args.fold is not None:
         check_summary_fold(args)
     data.prepare_data_root(args.root)

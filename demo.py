@@ -617,8 +617,8 @@ def parse_sizes(text):
     return sizes
 
 
-def add_demo_args(parser):
-    """The flags of `python demo.py` (also those of its alias `python dataset_tool.py make-demo`)."""
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
     parser.add_argument("--root", default=DEFAULT_ROOT, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shapes, colours and layouts")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
@@ -627,11 +627,6 @@ def add_demo_args(parser):
     parser.add_argument("--n-train", type=int, default=120, help="training images")
     parser.add_argument("--n-val", type=int, default=30, help="validation images")
     parser.add_argument("--n-test", type=int, default=30, help="test images")
-
-
-def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=utils.HelpFormatter)
-    add_demo_args(parser)
     return parser
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import dataset_tool
 import demo
 import utils
 
@@ -155,14 +154,11 @@ def test_class_frequencies_follow_the_real_imbalance(full_count_root):
         assert any(a["category_id"] == rare for a in _load(full_count_root, "train")["annotations"])
 
 
-def test_command_line_and_its_dataset_tool_alias_write_the_same_set(tmp_path, capsys):
+def test_command_line_writes_the_set_that_make_demo_writes(tmp_path, capsys):
     flags = ["--seed", str(SEED), "--size", "48", "--sizes", "48x48,64x40", "--n-train", "2", "--n-val", "1",
              "--n-test", "1"]
     utils.run_main(demo.main, demo.get_args_parser(), ["--root", str(tmp_path / "cli"), *flags])
-    utils.run_main(dataset_tool.main, dataset_tool.get_args_parser(),
-                   ["make-demo", "--root", str(tmp_path / "alias"), *flags])
     written = _file_bytes(tmp_path / "cli")
-    assert written == _file_bytes(tmp_path / "alias")
     assert written == _file_bytes(demo.make_demo(tmp_path / "api", seed=SEED, size=48, sizes=[(48, 48), (64, 40)],
                                                  n_train=2, n_val=1, n_test=1))
     assert {(im["width"], im["height"]) for im in _load(tmp_path / "cli", "train_all")["images"]} == {(48, 48), (64, 40)}

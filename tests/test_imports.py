@@ -96,6 +96,33 @@ def test_no_module_imports_a_script():
     assert offenders == []
 
 
+COMMAND_LINE = {"main", "get_args_parser"}
+
+
+def command_line_uses(source, scripts):
+    """(script, name) for each use of a script's command line (`demo.main`, `from train import get_args_parser`)."""
+    uses = set()
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Attribute) and node.attr in COMMAND_LINE and isinstance(node.value, ast.Name)
+                and node.value.id in scripts):
+            uses.add((node.value.id, node.attr))
+        elif isinstance(node, ast.ImportFrom) and node.module in scripts:
+            uses.update((node.module, alias.name) for alias in node.names if alias.name in COMMAND_LINE)
+    return uses
+
+
+def test_command_line_uses_are_seen():
+    assert command_line_uses("import demo\ndemo.main(args)\nfrom train import get_args_parser\ndemo.make_demo()\n",
+                             {"demo", "train"}) == {("demo", "main"), ("train", "get_args_parser")}
+
+
+def test_no_script_runs_another_scripts_command_line():
+    """ARCHITECTURE: a script may import what a library script builds with (demo.make_demo), never its command line."""
+    offenders = sorted((name, use) for name, source in SOURCES.items() if not is_benchmark(PATHS[name])
+                       for use in command_line_uses(source, SCRIPTS - {name}))
+    assert offenders == []
+
+
 def test_utils_imports_nothing_of_ours():
     assert GRAPH["utils"] == set()
 
