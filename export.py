@@ -19,6 +19,7 @@ at most --max-miou-drop below the float graph's; without, the argmax agreement o
 calibration photos is reported. The metadata say "precision": "int8" and hold those numbers.
 """
 import argparse
+import logging
 import os
 import tempfile
 
@@ -104,6 +105,8 @@ def export_onnx(module, size, opset=None):
     (UperNet's pyramid pooling); torch.export decomposes it exactly.
     """
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)  # batch 2: a batch of 1 would be specialised
+    # onnxscript's optimizer warns of each Split it leaves unfolded: noise to the user, the graph is right
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
                                 output_names=["labels" if module.labels else "probabilities"],
                                 dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset,
