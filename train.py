@@ -70,8 +70,9 @@ def get_args_parser():
     g.add_argument("--max-image-pixels", type=utils.positive_int, default=imaging.MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=presets.AUGMENTATIONS, default="light", help="augmentation preset")
-    g.add_argument("--copy-paste-p", type=utils.probability, default=0.5,
-                   help="probability of pasting rare objects into a training image (0 = off)")
+    g.add_argument("--copy-paste-p", type=utils.probability, default=0.0,
+                   help="probability of pasting rare objects into a training image (0 = off: with the default "
+                        "class weights it learned rare classes worse, docs/rare-classes.md)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
     g.add_argument("--copy-paste-max", type=utils.positive_int, default=3, help="most objects pasted into one image")
@@ -125,9 +126,9 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", default="ce:1,dice:0.5",
                    help=f"weighted loss terms NAME:WEIGHT,... from {', '.join(losses.LOSS_NAMES)}")
-    g.add_argument("--class-weights", default=None,
-                   help="'auto' (1/sqrt of each class's training pixel share, at most 10x the smallest, mean 1) "
-                        "or comma-separated weights, one per class")
+    g.add_argument("--class-weights", default="auto",
+                   help="'auto' (1/sqrt of each class's training pixel share, at most 10x the smallest, mean 1), "
+                        "'none' (every class 1), or comma-separated weights, one per class")
     g.add_argument("--ohem-thresh", type=float, default=0.7,
                    help="ohem loss: keep pixels whose true-class probability is under this")
     g.add_argument("--ohem-min-kept", type=int, default=10000,
@@ -248,6 +249,13 @@ def check_fold_flags(args):
                               f"the fold, or drop --fold to train on those jsons")
 
 
+def check_copy_paste_flags(args):
+    """--copy-paste-classes names what to paste; with copy-paste off (the default) it would do nothing."""
+    if args.copy_paste_classes and args.copy_paste_p == 0:
+        raise utils.UserError(f"--copy-paste-classes {args.copy_paste_classes} pastes nothing with --copy-paste-p 0 "
+                              f"(the default): add --copy-paste-p 0.5")
+
+
 def check_loss_flags(args):
     """A bad --loss or --class-weights stops the run before any data is read (the class count needs the data)."""
     losses.parse_loss_spec(args.loss)
@@ -359,8 +367,10 @@ def drop_val_photos(images, val_set, strict):
 
 
 def parse_class_weights(spec):
-    """--class-weights: None, 'auto', or its weights (numbers, each finite and >= 0)."""
-    if spec in (None, "auto"):
+    """--class-weights: None (for 'none'), 'auto', or its weights (numbers, each finite and >= 0)."""
+    if spec in (None, "none"):
+        return None
+    if spec == "auto":
         return spec
     try:
         weights = [float(w) for w in spec.split(",")]
@@ -883,6 +893,7 @@ def start_run_folder(args):
 
 def main(args):
     check_fold_flags(args)
+    check_copy_paste_flags(args)
     check_loss_flags(args)
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:

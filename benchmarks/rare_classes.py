@@ -1,11 +1,11 @@
 """Rare-class levers over seeds: per-class IoU (mean ± std) of one recipe with each lever off and on.
 
     python benchmarks/rare_classes.py --out runs/rare-demo -- \\
-        --model unet --encoder r18 --size 256 --epochs 25 --val-every 5 --copy-paste-p 0
+        --model unet --encoder r18 --size 256 --epochs 25 --val-every 5 --class-weights none
     python benchmarks/rare_classes.py --out runs/rare-tb --configs baseline all -- \\
-        --data-root ../shared/data/trashbags --model deeplabv3p --encoder r18 --size 256 --epochs 20
+        --data-root ../shared/data/trashbags --model deeplabv3p --encoder r18 --size 256 --epochs 20 --class-weights none
     python benchmarks/rare_classes.py --out runs/rare-demo --config "rf+ohem=--sampler repeat-factor --loss ohem:1,dice:0.5" \\
-        --configs baseline rf+ohem -- --model unet --encoder r18 --size 256 --epochs 25 --copy-paste-p 0
+        --configs baseline rf+ohem -- --model unet --encoder r18 --size 256 --epochs 25 --class-weights none
 
 Everything after `--` is the train.py recipe. Each configuration adds its options to it (later
 options win, so a configuration can turn a recipe's option back) and is trained once per seed

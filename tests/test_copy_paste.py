@@ -110,8 +110,8 @@ def test_a_class_without_objects_stops_copy_paste_py_and_train_py_in_one_line(sc
     root, fix = str(tmp_path), "nothing to paste; choose other copy-paste classes, e.g. of those annotated there"
     (tmp_path / "val.json").write_text((tmp_path / "train.json").read_text())
     commands = {"copy_paste.py": ["--out", str(tmp_path / "out"), "--classes", "Clothing"],
-                "train.py": ["--val-json", "val.json", "--copy-paste-classes", "Clothing", "--output",
-                             str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--size", "64"]}
+                "train.py": ["--val-json", "val.json", "--copy-paste-p", "0.5", "--copy-paste-classes", "Clothing",
+                             "--output", str(tmp_path / "run"), "--workers", "0", "--device", "cpu", "--size", "64"]}
     for script, argv in commands.items():
         monkeypatch.setattr(sys, "argv", [script, "--data-root", root, "--cache-dir", str(tmp_path / "cache"), *argv])
         with pytest.raises(SystemExit) as stop:

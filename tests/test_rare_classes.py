@@ -291,3 +291,10 @@ def test_rare_classes_benchmark_prints_mean_and_spread_and_skips_finished_runs(t
     finished = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert "| class | baseline (seeds 0, 1) | class-weights (seeds 0, 1) |" in finished
     assert row in finished and not (out / "baseline" / "seed2").exists()
+
+
+def test_the_defaults_are_the_measured_best_class_weights_on_copy_paste_off():
+    """docs/rare-classes.md#the-defaults: on the demo set and trashbags alike."""
+    args = train.get_args_parser().parse_args([])
+    assert (args.class_weights, args.copy_paste_p) == ("auto", 0)
+    assert train.parse_class_weights("none") is None and train.parse_class_weights("auto") == "auto"

@@ -108,6 +108,10 @@ CASES = {
         "train.py", lambda c: c.train("--crop-rare", "--crop-max-ratio", "0"),
         "--crop-max-ratio must be above 0 and at most 1, not 0.0: it is the largest share of a crop's labelled "
         "pixels one class may cover (e.g. 0.75)", None),
+    "--copy-paste-classes with copy-paste off": (
+        "train.py", lambda c: c.train("--copy-paste-classes", "Battery"),
+        "--copy-paste-classes Battery pastes nothing with --copy-paste-p 0 (the default): add --copy-paste-p 0.5",
+        NO_JSON_READ),
     "--n-folds 1": (
         "train.py", lambda c: c.train("--fold", "0", "--n-folds", "1"),
         "--n-folds must be 2 or more (one fold validates, the others train), not 1", None),
