@@ -183,12 +183,12 @@ def labelled_set(args, checkpoint, source):
 def check_json(data_root, run_args):
     """test.json, else the run's val or train json: any photos check an export, and a dataset of one's
     own may have no test split."""
-    names = ["test.json", run_args.get("val_json"), run_args.get("train_json")]
-    for name in filter(None, names):
+    names = [name for name in ("test.json", run_args.get("val_json"), run_args.get("train_json")) if name]
+    for name in names:
         if os.path.isfile(os.path.join(data_root, name)):
             return name
-    raise utils.UserError(f"none of {[n for n in names if n]} is in {data_root}: pass --json with a json of photos "
-                          f"to check the export with")
+    raise utils.UserError(f"none of {names} is in {data_root}: pass --json with a json of photos to check the "
+                          f"export with")
 
 
 def check_images(data_root, json_name, count, size):
