@@ -220,10 +220,10 @@ def test_resume_with_another_model_names_both(demo_root, reference):
 def test_resume_with_changed_arguments_names_them(demo_root, reference, capsys):
     reference.wait()
     resume_in_process(demo_root, demo_root / "changed-args", reference.output / utils.LAST_CHECKPOINT,
-                      "--lr", "0.5", "--workers", "1", "--val-every", "2")
+                      "--lr", "0.5", "--class-weights", "none", "--workers", "1", "--val-every", "2")
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:"))
     changes = warning.split(": ", 2)[2].split("; ")
-    assert "lr: 0.002 -> 0.5" in changes and "copy_paste_p: 0.5 -> 0.0" in changes
+    assert "lr: 0.002 -> 0.5" in changes and "class_weights: 'auto' -> 'none'" in changes
     assert not [c for c in changes if c.startswith(("workers", "val_every", "output", "resume", "cache_dir"))]
 
 
