@@ -71,8 +71,8 @@ def get_args_parser():
                    help="refuse images with more pixels than this (a guard against decompression bombs)")
     g.add_argument("--aug", choices=presets.AUGMENTATIONS, default="light", help="augmentation preset")
     g.add_argument("--copy-paste-p", type=utils.probability, default=0.0,
-                   help="probability of pasting rare objects into a training image (0 = off: with the default "
-                        "class weights it learned rare classes worse, docs/rare-classes.md)")
+                   help="probability of pasting rare objects into a training image (0 = off: beside the default "
+                        "class weights it did not help, docs/rare-classes.md)")
     g.add_argument("--copy-paste-classes", default=None,
                    help="comma-separated class names to paste (default: the two rarest by annotation count)")
     g.add_argument("--copy-paste-max", type=utils.positive_int, default=3, help="most objects pasted into one image")
