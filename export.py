@@ -50,7 +50,7 @@ def get_args_parser():
                    help="dataset whose images check the export (default: the one the checkpoint was trained on, "
                         "else the demo set)")
     p.add_argument("--json", default=None,
-                   help="images to check with, relative to --data-root (default: test.json, else the run's val json)")
+                   help="images to check with, relative to --data-root (default: test.json, else the run's val or train json)")
     p.add_argument("--check-images", type=int, default=8, help="how many of its images to compare on")
     p.add_argument("--max-prob-diff", type=utils.non_negative_float, default=1e-4, help="largest allowed probability difference")
     p.add_argument("--min-agreement", type=utils.probability, default=0.999, help="smallest allowed argmax agreement")
