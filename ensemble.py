@@ -28,6 +28,7 @@ from tqdm import tqdm
 import coco_utils
 import dataset as data
 import images as imaging
+import loss as losses
 import model as models
 import utils
 
@@ -114,6 +115,8 @@ class Member(torch.nn.Module):
     to those pixels.
     """
 
+    class_weights = None  # the weights it learnt with, to divide its probabilities by (set by build_ensemble)
+
     def __init__(self, checkpoint, tta_transforms=None):
         super().__init__()
         net = models.create_model(checkpoint["model"], checkpoint["encoder"], checkpoint["num_classes"],
@@ -136,8 +139,11 @@ class Member(torch.nn.Module):
         """The probabilities at the training size: N x C x size x size, for a batch or a list of images."""
         square = (self.size, self.size)
         if torch.is_tensor(images):
-            return self.probs(unit_range(resize_image(images, square)))
-        return self.probs(unit_range(torch.cat([resize_image(image[None], square) for image in images])))
+            batch = resize_image(images, square)
+        else:
+            batch = torch.cat([resize_image(image[None], square) for image in images])
+        probs = self.probs(unit_range(batch))
+        return probs if self.class_weights is None else losses.undo_class_weights(probs, self.class_weights)
 
 
 def resize_image(images, size):
@@ -391,22 +397,41 @@ def run_data_root(given, trained_on):
     return roots[0]
 
 
-def load_ensemble(patterns, device, tta_transforms=None, vote="soft", tiling=None):
+def load_ensemble(patterns, device, tta_transforms=None, vote="soft", tiling=None, undo_class_weights=False):
     """(model combining all members' probabilities by `vote`, class names)."""
     paths = expand_checkpoints(patterns)
     checkpoints = [load_model_file(p, device) for p in paths]
-    return build_ensemble(paths, checkpoints, device, tta_transforms, vote, tiling)
+    return build_ensemble(paths, checkpoints, device, tta_transforms, vote, tiling, undo_class_weights)
 
 
-def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft", tiling=None):
-    """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names)."""
+def build_ensemble(paths, checkpoints, device, tta_transforms=None, vote="soft", tiling=None,
+                   undo_class_weights=False):
+    """Loaded checkpoints or ONNX descriptions (all predicting the same classes) -> (ensemble, class names).
+
+    undo_class_weights: each member's probabilities without the class weights it learnt with
+    (loss.undo_class_weights), for thresholds on confidence; predictions keep them by default.
+    """
     class_names = checkpoints[0]["class_names"]
     for path, checkpoint in zip(paths, checkpoints):
         coco_utils.check_same_classes(path, checkpoint["class_names"], paths[0], class_names)
     members = [OnnxMember(c, tta_transforms) if "session" in c else Member(c, tta_transforms) for c in checkpoints]
+    if undo_class_weights:
+        for path, checkpoint, member in zip(paths, checkpoints, members):
+            member.class_weights = recorded_class_weights(path, checkpoint)
     ensemble = Ensemble(members, vote, native_tiling(tiling, paths, members)).to(device).eval()
     print(f"ensemble of {len(paths)} checkpoint(s): {', '.join(paths)}")
     return ensemble, class_names
+
+
+def recorded_class_weights(path, checkpoint):
+    """A checkpoint's or ONNX file's class weights as a tensor; None (with a warning when it learnt with
+    weights it does not record) otherwise."""
+    weights = checkpoint.get("class_weights")
+    if weights is None and checkpoint.get("args", {}).get("class_weights") not in (None, "none"):
+        print(f"warning: {path} learnt with class weights but does not record them (it predates that): its "
+              f"probabilities understate the common classes, so fewer of their pixels reach a threshold; "
+              f"train it again to have them taken out")
+    return None if weights is None else torch.tensor(weights)
 
 
 VOTES = ("soft", "hard")

@@ -129,6 +129,7 @@ def description(checkpoint, size, labels):
         "train_image_size": checkpoint.get("train_image_size"),  # --tile alone's window; None before it was recorded
         "mean": list(checkpoint["mean"]), "std": list(checkpoint["std"]),
         "paint_order": paint_order_of(checkpoint),
+        "class_weights": checkpoint.get("class_weights"),  # what pseudo_label.py undoes; None without
         "data_root": checkpoint.get("args", {}).get("data_root"),  # where inference.py finds its jsons by default
         "input": "uint8 RGB, N x 3 x H x W", "output": "labels" if labels else "probabilities",
     }

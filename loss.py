@@ -278,6 +278,20 @@ def build_loss(spec, num_classes, class_weights=None, ignore_index=255, label_sm
     return WeightedSumLoss({name: (w, makers[name]()) for name, w in parse_loss_spec(spec).items()})
 
 
+def undo_class_weights(probs, class_weights, dim=1):
+    """The class probabilities p behind what a model trained with class-weighted cross-entropy predicts.
+
+    Such a model learns q_c = w_c p_c / sum_k w_k p_k, which is what class weights are for (the
+    argmax leans to the rare classes), but its confidence understates the common ones: Background,
+    whose weight is the smallest, may never reach a high threshold however sure the model is.
+    Pseudo-labels threshold p = (q_c / w_c) / sum_k (q_k / w_k) instead.
+    """
+    shape = [1] * probs.dim()
+    shape[dim] = -1
+    unweighted = probs / class_weights.to(probs).view(shape)
+    return unweighted / unweighted.sum(dim, keepdim=True)
+
+
 def auto_class_weights(pixel_counts, max_ratio=10.0):
     """Class weights from per-class pixel counts: 1/sqrt(frequency), capped, mean 1 over present classes.
 

@@ -6,7 +6,9 @@
 
 Each pixel gets the ensemble's most likely class when that class's averaged
 probability is at least --threshold, and the ignore label 255 otherwise, so
-retraining learns only from confident pixels. Writes OUT/masks/<file stem>.png
+retraining learns only from confident pixels. A member trained with class weights has them
+taken out of its probabilities first (loss.undo_class_weights): with them in, the common
+classes, Background above all, seldom reach a high threshold. Writes OUT/masks/<file stem>.png
 (paletted PNGs holding the raw labels) and OUT/manifest.json, which train.py
 reads through dataset.PseudoLabelDataset; validation images of the run being trained
 are dropped there, so pseudo-labels never leak into its validation.
@@ -195,7 +197,7 @@ def main(args):
     check_threshold(args.threshold)
     earlier = check_out(args)
     ensemble, class_names = ensembles.load_ensemble(args.checkpoints, args.device, ensembles.build_tta(args),
-                                                    tiling=ensembles.build_tiling(args))
+                                                    tiling=ensembles.build_tiling(args), undo_class_weights=True)
     dataset, image_path, source = open_source(args, ensemble, class_names)
     data.check_unique_stems(info["file_name"] for info in dataset.images)
     masks = {data.pseudo_mask_name(info["file_name"]) for info in dataset.images}

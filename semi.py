@@ -26,6 +26,7 @@ from torchvision.transforms import v2
 import coco_utils
 import dataset as data
 import images as imaging
+import loss as losses
 import utils
 
 CUTMIX_P = 0.5  # share of unlabelled images that get a box of another image pasted in
@@ -174,9 +175,16 @@ def running_stats_frozen(model):
 
 
 # ---------------------------------------------------------------- pseudo-labels and their loss
-def pseudo_labels(logits, threshold):
-    """N x C x H x W teacher logits -> (N x H x W labels, 255 where the top probability < threshold; the labels before the mask)."""
-    confidence, labels = logits.float().softmax(1).max(1)
+def pseudo_labels(logits, threshold, class_weights=None):
+    """N x C x H x W teacher logits -> (N x H x W labels, 255 where the top probability < threshold; the labels before the mask).
+
+    With the class weights the teacher learnt with, its probabilities are taken without them
+    (loss.undo_class_weights), so the threshold means the same for every class.
+    """
+    probs = logits.float().softmax(1)
+    if class_weights is not None:
+        probs = losses.undo_class_weights(probs, class_weights)
+    confidence, labels = probs.max(1)
     return labels.masked_fill(confidence < threshold, utils.IGNORE_INDEX), labels
 
 

@@ -459,7 +459,7 @@ def consistency_loss(state, images, masks, weak, args):
     weak = (weak - mean) / std
     with torch.no_grad(), utils.autocast(args.device, args.amp):
         teacher_logits = teacher.module(weak)
-    pseudo, labels = semi.pseudo_labels(teacher_logits, args.confidence)
+    pseudo, labels = semi.pseudo_labels(teacher_logits, args.confidence, state["class_weights"])
     state["confident"].update(pseudo, labels)
     strong, pseudo = semi.cutmix(strong, pseudo, semi.cutmix_boxes(len(strong), *strong.shape[-2:]))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -604,6 +604,7 @@ def checkpoint_state(state, args, class_names, mean, std, epoch, step_in_epoch, 
         "model": args.model, "encoder": models.resolve_encoder(args.encoder), "model_kwargs": model_options(args),
         "class_names": list(class_names), "num_classes": len(class_names), "image_size": args.size,
         "train_image_size": native_size,
+        "class_weights": None if state["class_weights"] is None else state["class_weights"].tolist(),
         "mean": list(mean), "std": list(std), "args": vars(args),
         "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": state["global_step"],
         "best_miou": state["best_miou"], "skipped_steps": state["skipped_steps"],

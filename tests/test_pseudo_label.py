@@ -129,7 +129,8 @@ class BrightIsCan(torch.nn.Module):
 def fake_ensemble(monkeypatch, tmp_path):
     checkpoint = tmp_path / "fold0.pt"
     checkpoint.write_bytes(b"")
-    monkeypatch.setattr(ensembles, "load_ensemble", lambda patterns, device, tta, tiling: (BrightIsCan(), CLASS_NAMES))
+    monkeypatch.setattr(ensembles, "load_ensemble", lambda patterns, device, tta, tiling, undo_class_weights:
+                        (BrightIsCan(), CLASS_NAMES))
     return str(checkpoint)
 
 
@@ -346,3 +347,31 @@ def test_train_pseudo_label_retrain_end_to_end(tiny_demo, tiny_run, run_train, r
     assert utils.load_checkpoint(retrained / utils.LAST_CHECKPOINT)["global_step"] == 8
     test_paths = {os.path.realpath(test_images.image_path(image)) for image in test_images.images}
     assert sum(path in test_paths for path in image_reads) == 8
+
+
+def test_the_class_weights_a_checkpoint_learnt_with_are_taken_out_before_the_threshold(
+        tiny_demo, tiny_run, run_pseudo_label, tmp_path, capsys):
+    # tiny_run learnt with the default --class-weights auto, and records them: the mean over present classes
+    # is 1 and Background, the most frequent class, has the smallest weight
+    recorded = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)["class_weights"]
+    assert len(recorded) == 11 and min(recorded) == recorded[0] < 1
+    # a model sure of Background, p = (0.95, 0.005 x 10), under weights (0.1, 1 x 10) predicts
+    # q = w p / sum(w p) = (0.655, 0.0345 x 10): below the threshold 0.9 with the weights in, above it without
+    weights = torch.tensor([0.1] + [1.0] * 10)
+    p = torch.tensor([0.95] + [0.005] * 10)
+    checkpoint = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
+    checkpoint["state_dict"]["head.weight"].zero_()
+    checkpoint["state_dict"]["head.bias"] = torch.log(weights * p)
+    checkpoint["class_weights"] = weights.tolist()
+    utils.save_checkpoint(checkpoint, tmp_path / "recorded.pt")
+    del checkpoint["class_weights"]
+    utils.save_checkpoint(checkpoint, tmp_path / "unrecorded.pt")
+
+    common = ["--data-root", tiny_demo, "--threshold", 0.9, "--allow-low-keep"]
+    manifest = run_pseudo_label("--checkpoints", tmp_path / "recorded.pt", "--out", tmp_path / "a", *common)
+    for item in manifest["items"]:
+        assert (data.read_label_png(os.path.join(tmp_path / "a", item["mask"])) == 0).all()
+    capsys.readouterr()
+    manifest = run_pseudo_label("--checkpoints", tmp_path / "unrecorded.pt", "--out", tmp_path / "b", *common)
+    assert all(item["kept"] == 0 for item in manifest["items"])
+    assert "learnt with class weights but does not record them" in capsys.readouterr().out

@@ -46,6 +46,20 @@ def test_pseudo_labels_keep_the_top_class_where_its_probability_reaches_the_thre
     assert masked.tolist() == [[[0, utils.IGNORE_INDEX, utils.IGNORE_INDEX]]]
 
 
+def test_pseudo_labels_undo_the_class_weights_the_teacher_learnt_with():
+    # the true probabilities p = (0.99, 0.01) under weights w = (0.1, 1) read q = w p / sum(w p) = (0.908, 0.092):
+    # below 0.95 as they stand, 0.99 once divided by the weights
+    weights = torch.tensor([0.1, 1.0])
+    q = weights * torch.tensor([0.99, 0.01])
+    logits = torch.log(q / q.sum())[None, :, None, None]
+    assert semi.pseudo_labels(logits, 0.95)[0].item() == utils.IGNORE_INDEX
+    assert semi.pseudo_labels(logits, 0.95, weights)[0].item() == 0
+    # where w p ties, the label is the class of the larger p, not the first of the tie
+    tie = torch.log(torch.tensor([0.5, 0.5]))[None, :, None, None]
+    _, labels = semi.pseudo_labels(tie, 0.0, weights)
+    assert labels.item() == 0
+
+
 def test_cutmix_pastes_the_next_image_and_its_labels_inside_the_box_only():
     images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 2, 4, 4).clone()
     labels = torch.arange(3).view(3, 1, 1).expand(3, 4, 4).clone() + 10
