@@ -54,10 +54,10 @@ def test_pseudo_labels_undo_the_class_weights_the_teacher_learnt_with():
     logits = torch.log(q / q.sum())[None, :, None, None]
     assert semi.pseudo_labels(logits, 0.95)[0].item() == utils.IGNORE_INDEX
     assert semi.pseudo_labels(logits, 0.95, weights)[0].item() == 0
-    # where w p ties, the label is the class of the larger p, not the first of the tie
+    # where q ties, the label is the class of the larger p: here the second, where the tie alone gives the first
     tie = torch.log(torch.tensor([0.5, 0.5]))[None, :, None, None]
-    _, labels = semi.pseudo_labels(tie, 0.0, weights)
-    assert labels.item() == 0
+    assert semi.pseudo_labels(tie, 0.0)[1].item() == 0
+    assert semi.pseudo_labels(tie, 0.0, torch.tensor([1.0, 0.1]))[1].item() == 1
 
 
 def test_cutmix_pastes_the_next_image_and_its_labels_inside_the_box_only():
