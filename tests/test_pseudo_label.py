@@ -353,13 +353,13 @@ def test_the_class_weights_a_checkpoint_learnt_with_are_taken_out_before_the_thr
         tiny_demo, tiny_run, run_pseudo_label, tmp_path, capsys):
     # tiny_run learnt with the default --class-weights auto, and records them: the mean over present classes
     # is 1 and Background, the most frequent class, has the smallest weight
-    recorded = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)["class_weights"]
+    checkpoint = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
+    recorded = checkpoint["class_weights"]
     assert len(recorded) == 11 and min(recorded) == recorded[0] < 1
     # a model sure of Background, p = (0.95, 0.005 x 10), under weights (0.1, 1 x 10) predicts
     # q = w p / sum(w p) = (0.655, 0.0345 x 10): below the threshold 0.9 with the weights in, above it without
     weights = torch.tensor([0.1] + [1.0] * 10)
     p = torch.tensor([0.95] + [0.005] * 10)
-    checkpoint = utils.load_checkpoint(tiny_run / utils.BEST_CHECKPOINT)
     checkpoint["state_dict"]["head.weight"].zero_()
     checkpoint["state_dict"]["head.bias"] = torch.log(weights * p)
     checkpoint["class_weights"] = weights.tolist()
