@@ -5,7 +5,7 @@ Holds the pieces train.py composes for `--unlabeled` and `--ema`:
 - the unlabelled photo stream: a dataset of weak views (crop, flip, resize) and a sampler that
   continues through reshuffled passes of the set, resumable mid-epoch and sharded across processes;
 - the strong views: colour jitter, grey and blur per image, then CutMix between the batch's images;
-- pseudo-labels: the teacher's class where its probability reaches that class's confidence threshold, 255 elsewhere;
+- pseudo-labels: the teacher's class where its probability reaches the confidence threshold, 255 elsewhere;
 - the unsupervised loss and its ramp-up, and the per-class share of confident pixels.
 
 The method follows FixMatch (Sohn et al. 2020) as UniMatch (Yang et al. 2023) applies it to
@@ -175,26 +175,9 @@ def running_stats_frozen(model):
 
 
 # ---------------------------------------------------------------- pseudo-labels and their loss
-def class_thresholds(confidence, labels, num_classes, top, floor):
-    """Per class: `top` scaled by the class's mean confidence over the most confident class's, kept in [floor, top].
+def pseudo_labels(logits, threshold, class_weights=None):
+    """N x C x H x W teacher logits -> (N x H x W labels, 255 where the top probability < threshold; the labels before the mask).
 
-    confidence, labels: the teacher's top probability and class per pixel. A class the teacher is
-    as sure of as of its surest class keeps `top`; one it is less sure of gets a lower threshold,
-    so that a class whose right pixels sit below `top` all run long (docs/semi-supervised.md) is
-    still learned from. The means are the batch's (FreeMatch's class-wise thresholds, Wang et al.
-    2023, over the pixels the teacher gives each class, since classes differ in area a thousandfold).
-    """
-    labels, confidence = labels.reshape(-1), confidence.reshape(-1).float()
-    sums = torch.zeros(num_classes, device=confidence.device).index_add_(0, labels, confidence)
-    means = sums / torch.bincount(labels, minlength=num_classes).clamp(min=1)
-    return (top * means / means.max()).clamp(floor, top)
-
-
-def pseudo_labels(logits, threshold, class_weights=None, floor=None):
-    """N x C x H x W teacher logits -> (N x H x W labels, 255 where the top probability is below the class's
-    threshold; the labels before the mask).
-
-    The threshold is `threshold` for every class, or with `floor` below it, class_thresholds'.
     With the class weights the teacher learnt with, its probabilities are taken without them
     (loss.undo_class_weights), so the threshold means the same for every class.
     """
@@ -202,10 +185,7 @@ def pseudo_labels(logits, threshold, class_weights=None, floor=None):
     if class_weights is not None:
         probs = losses.undo_class_weights(probs, class_weights)
     confidence, labels = probs.max(1)
-    thresholds = torch.full((probs.shape[1],), threshold, device=probs.device)
-    if floor is not None and floor < threshold:
-        thresholds = class_thresholds(confidence, labels, probs.shape[1], threshold, floor)
-    return labels.masked_fill(confidence < thresholds[labels], utils.IGNORE_INDEX), labels
+    return labels.masked_fill(confidence < threshold, utils.IGNORE_INDEX), labels
 
 
 def unsupervised_loss(logits, targets, class_weights=None):

@@ -102,9 +102,6 @@ def get_args_parser():
                    help="unlabelled images per labelled image in each step")
     g.add_argument("--confidence", type=utils.probability, default=0.95,
                    help="the teacher's pseudo-label of a pixel is learned when its probability is at least this")
-    g.add_argument("--confidence-min", type=utils.probability, default=None,
-                   help="give the classes the teacher is less sure of a lower threshold than --confidence, "
-                        "in proportion to their mean confidence, down to this (default: --confidence for all)")
     g.add_argument("--unsup-weight", type=utils.non_negative_float, default=1.0, help="weight of the unlabelled loss")
     g.add_argument("--unsup-rampup", type=utils.non_negative_float, default=1.0,
                    help="epochs over which the unlabelled loss weight rises to --unsup-weight")
@@ -257,13 +254,6 @@ def check_copy_paste_flags(args):
     if args.copy_paste_classes and args.copy_paste_p == 0:
         raise utils.UserError(f"--copy-paste-classes {args.copy_paste_classes} pastes nothing with --copy-paste-p 0 "
                               f"(the default): add --copy-paste-p 0.5")
-
-
-def check_confidence_flags(args):
-    """--confidence-min lowers the thresholds of some classes below --confidence, never above it."""
-    if args.confidence_min is not None and args.confidence_min > args.confidence:
-        raise utils.UserError(f"--confidence-min {args.confidence_min} is above --confidence {args.confidence}: "
-                              f"pass a floor at or below --confidence")
 
 
 def check_loss_flags(args):
@@ -469,7 +459,7 @@ def consistency_loss(state, images, masks, weak, args):
     weak = (weak - mean) / std
     with torch.no_grad(), utils.autocast(args.device, args.amp):
         teacher_logits = teacher.module(weak)
-    pseudo, labels = semi.pseudo_labels(teacher_logits, args.confidence, state["class_weights"], args.confidence_min)
+    pseudo, labels = semi.pseudo_labels(teacher_logits, args.confidence, state["class_weights"])
     state["confident"].update(pseudo, labels)
     strong, pseudo = semi.cutmix(strong, pseudo, semi.cutmix_boxes(len(strong), *strong.shape[-2:]))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -905,7 +895,6 @@ def start_run_folder(args):
 def main(args):
     check_fold_flags(args)
     check_copy_paste_flags(args)
-    check_confidence_flags(args)
     check_loss_flags(args)
     rank, world_size, local_rank = init_distributed(args.device)
     if args.device == "cuda" and world_size > 1:

@@ -60,31 +60,6 @@ def test_pseudo_labels_undo_the_class_weights_the_teacher_learnt_with():
     assert semi.pseudo_labels(tie, 0.0, torch.tensor([1.0, 0.1]))[1].item() == 1
 
 
-def test_class_thresholds_scale_the_top_one_by_each_class_mean_confidence_down_to_the_floor():
-    confidence = torch.tensor([[0.99, 0.97, 0.96, 0.92], [0.94, 0.92, 0.60, 0.5]])
-    labels = torch.tensor([[0, 0, 0, 1], [1, 1, 2, 2]])
-    # means: class 0 0.9733 (the surest, keeps 0.95), class 1 0.9267 -> 0.95 * 0.9267 / 0.9733 = 0.9045,
-    # class 2 0.55 -> 0.537, raised to the floor 0.8; class 3, never predicted, sits at the floor
-    thresholds = semi.class_thresholds(confidence, labels, 4, top=0.95, floor=0.8)
-    torch.testing.assert_close(thresholds, torch.tensor([0.95, 0.95 * (2.78 / 3) / (2.92 / 3), 0.8, 0.8]))
-
-
-def test_pseudo_labels_with_a_floor_keep_the_pixels_of_a_class_the_teacher_is_less_sure_of():
-    # class 0's pixels at 0.99, class 1's at 0.9 and 0.85: under one threshold of 0.95 class 1 is never learned
-    probs = torch.tensor([[0.99, 0.99, 0.1, 0.15], [0.01, 0.01, 0.9, 0.85]])
-    logits = torch.log(probs)[None, :, None, :]
-    assert semi.pseudo_labels(logits, 0.95)[0].tolist() == [[[0, 0, utils.IGNORE_INDEX, utils.IGNORE_INDEX]]]
-    # with the floor 0.8, class 1's threshold is 0.95 * 0.875 / 0.99 = 0.8396: 0.9 is kept, 0.85 too
-    assert semi.pseudo_labels(logits, 0.95, floor=0.8)[0].tolist() == [[[0, 0, 1, 1]]]
-    # a floor at the threshold is the single threshold
-    assert semi.pseudo_labels(logits, 0.95, floor=0.95)[0].tolist() == semi.pseudo_labels(logits, 0.95)[0].tolist()
-    # the scaled threshold, not the floor, decides where it is the higher: 0.95 * 0.875 / 0.99 > 0.86 > 0.85
-    assert semi.pseudo_labels(logits, 0.95, floor=0.5)[0].tolist() == [[[0, 0, 1, 1]]]
-    probs = torch.tensor([[0.99, 0.99, 0.1, 0.2], [0.01, 0.01, 0.9, 0.8]])  # class 1 mean 0.85: threshold 0.8157
-    assert semi.pseudo_labels(torch.log(probs)[None, :, None, :], 0.95, floor=0.5)[0].tolist() == \
-        [[[0, 0, 1, utils.IGNORE_INDEX]]]
-
-
 def test_cutmix_pastes_the_next_image_and_its_labels_inside_the_box_only():
     images = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 2, 4, 4).clone()
     labels = torch.arange(3).view(3, 1, 1).expand(3, 4, 4).clone() + 10

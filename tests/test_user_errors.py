@@ -108,10 +108,6 @@ CASES = {
         "train.py", lambda c: c.train("--crop-rare", "--crop-max-ratio", "0"),
         "--crop-max-ratio must be above 0 and at most 1, not 0.0: it is the largest share of a crop's labelled "
         "pixels one class may cover (e.g. 0.75)", None),
-    "--confidence-min above --confidence": (
-        "train.py", lambda c: c.train("--confidence-min", "0.97"),
-        "--confidence-min 0.97 is above --confidence 0.95: pass a floor at or below --confidence",
-        NO_JSON_READ),
     "--copy-paste-classes with copy-paste off": (
         "train.py", lambda c: c.train("--copy-paste-classes", "Battery"),
         "--copy-paste-classes Battery pastes nothing with --copy-paste-p 0 (the default): add --copy-paste-p 0.5",
